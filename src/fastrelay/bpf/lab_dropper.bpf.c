@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Random packet loss for lab links (this kernel has no netem): attached to a TC hook,
+ * drops each packet with probability threshold / 2^32.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include "fastrelay.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+FR_EXPORT_BTF(enum fr_drop_counter, drop_counter);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fr_drop_config);
+} fr_drop_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FR_DC_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} fr_drop_stats SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&fr_drop_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+SEC("tc")
+int fr_lab_drop(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct fr_drop_config *cfg = bpf_map_lookup_elem(&fr_drop_cfg, &zero);
+
+	count(FR_DC_SEEN);
+	if (cfg && bpf_get_prandom_u32() < cfg->threshold) {
+		count(FR_DC_DROPPED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}

@@ -1,0 +1,1 @@
+"""Python side of fastrelay's BPF programs: build, load, maps, ring buffers, attach."""

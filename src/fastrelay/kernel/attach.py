@@ -1,0 +1,136 @@
+"""Attach TC programs: tcx links where the kernel has them (they vanish with the process),
+clsact filters otherwise (which outlive it, so they are removed on detach and any stale
+one of ours is removed before attaching)."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import logging
+import os
+import zlib
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from .errors import AttachError
+from .libbpf import (
+    BPF_TC_EGRESS,
+    BPF_TC_INGRESS,
+    BPF_TCX_EGRESS,
+    BPF_TCX_INGRESS,
+    BpfTcHook,
+    BpfTcOpts,
+    lib,
+)
+
+log = logging.getLogger("fastrelay.attach")
+
+CLSACT_PRIORITY = 0xFA57
+_BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+
+class Direction(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+def clsact_handle(program: str) -> int:
+    """Deterministic clsact filter handle for one of our programs, so stale ones can be found."""
+    return 0xFA570000 | (zlib.crc32(program.encode()) & 0xFFFF)
+
+
+def our_program_names() -> list[str]:
+    """Names of every SEC("tc") program in bpf/ (what a stale filter of ours may run)."""
+    names = []
+    for src in _BPF_DIR.glob("*.bpf.c"):
+        lines = src.read_text().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.startswith('SEC("tc")'):
+                names.append(lines[i + 1].split("(")[0].split()[-1])
+    return names
+
+
+def _hook(ifindex: int, direction: Direction) -> BpfTcHook:
+    point = BPF_TC_INGRESS if direction is Direction.INGRESS else BPF_TC_EGRESS
+    return BpfTcHook(sz=ctypes.sizeof(BpfTcHook), ifindex=ifindex, attach_point=point)
+
+
+def _opts(**kw: int) -> BpfTcOpts:
+    return BpfTcOpts(sz=ctypes.sizeof(BpfTcOpts), **kw)
+
+
+def _has_clsact(ifindex: int) -> bool:
+    with IPRoute() as ip:
+        return any(q.get("TCA_KIND") == "clsact" for q in ip.get_qdiscs(index=ifindex))
+
+
+def remove_stale(ifindex: int, direction: Direction) -> int:
+    """Remove clsact filters of ours a crashed run left on this hook; returns how many."""
+    if not _has_clsact(ifindex):
+        return 0
+    hook = _hook(ifindex, direction)
+    removed = 0
+    for name in our_program_names():
+        opts = _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)
+        if lib.bpf_tc_query(hook, opts) == 0:
+            if lib.bpf_tc_detach(hook, _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)) == 0:
+                removed += 1
+                log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, direction)
+    return removed
+
+
+class TcLink:
+    """One program attached to one TC hook. detach() (or process exit, for tcx) removes it."""
+
+    def __init__(self, prog_fd: int, prog_name: str, ifindex: int, direction: Direction | str,
+                 mode: str | None = None) -> None:
+        self.ifindex = ifindex
+        self.direction = Direction(direction)
+        self.prog_name = prog_name
+        self._link_fd = -1
+        mode = mode or os.environ.get("FASTRELAY_TC_MODE", "auto")
+        if mode not in ("auto", "tcx", "clsact"):
+            raise AttachError(f"unknown TC attach mode {mode!r} (auto, tcx or clsact)")
+        self.attached = False
+        remove_stale(ifindex, self.direction)
+        if mode in ("auto", "tcx"):
+            kind = BPF_TCX_INGRESS if self.direction is Direction.INGRESS else BPF_TCX_EGRESS
+            fd = lib.bpf_link_create(prog_fd, ifindex, kind, None)
+            if fd >= 0:
+                self._link_fd, self.mode, self.attached = fd, "tcx", True
+                return
+            if mode == "tcx" or -fd not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise AttachError(f"tcx attach of {prog_name} to ifindex {ifindex}: {os.strerror(-fd)}")
+            log.info("tcx unavailable (%s), falling back to clsact", os.strerror(-fd))
+        self.mode = "clsact"
+        hook = _hook(ifindex, self.direction)
+        ret = lib.bpf_tc_hook_create(hook)
+        if ret < 0 and ret != -errno.EEXIST:
+            raise AttachError(f"creating clsact qdisc on ifindex {ifindex}: {os.strerror(-ret)}")
+        ret = lib.bpf_tc_attach(hook, _opts(prog_fd=prog_fd, handle=clsact_handle(prog_name),
+                                            priority=CLSACT_PRIORITY))
+        if ret < 0:
+            raise AttachError(f"clsact attach of {prog_name} to ifindex {ifindex}: {os.strerror(-ret)}")
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove the attachment (idempotent; a vanished interface counts as detached)."""
+        if not self.attached:
+            return
+        self.attached = False
+        if self.mode == "tcx":
+            os.close(self._link_fd)
+            self._link_fd = -1
+            return
+        ret = lib.bpf_tc_detach(_hook(self.ifindex, self.direction),
+                                _opts(handle=clsact_handle(self.prog_name), priority=CLSACT_PRIORITY))
+        if ret < 0 and ret not in (-errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
+            log.warning("detaching %s from ifindex %d: %s", self.prog_name, self.ifindex, os.strerror(-ret))
+
+    def __enter__(self) -> TcLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

@@ -1,0 +1,172 @@
+"""Open and load BPF objects through libbpf; typed, BTF-checked map access."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from . import build, privileges
+from .btf import KIND_STRUCT, Btf, check_layout
+from .errors import LoadError
+from .libbpf import BPF_ANY, check, check_ptr, lib
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 5, 6, 10
+_PERCPU = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
+VERIFIER_LOG_SIZE = 4 << 20
+LOG_TAIL_LINES = 40
+
+
+class Program:
+    """A loaded program: name and fd (owned by its BpfObject)."""
+
+    def __init__(self, handle: int) -> None:
+        self._h = handle
+        self.name: str = lib.bpf_program__name(handle).decode()
+
+    @property
+    def fd(self) -> int:
+        return lib.bpf_program__fd(self._h)
+
+
+class Map(Generic[K, V]):
+    """A map whose key/value ctypes were checked against BTF. Per-CPU lookups return one value per CPU."""
+
+    def __init__(self, handle: int, key: type, value: type) -> None:
+        self.name: str = lib.bpf_map__name(handle).decode()
+        self.fd: int = lib.bpf_map__fd(handle)
+        self.key_type = key
+        self.value_type = value
+        self.max_entries: int = lib.bpf_map__max_entries(handle)
+        self.percpu = lib.bpf_map__type(handle) in _PERCPU
+        if self.percpu:
+            self.ncpus = check(lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+            stride = (ctypes.sizeof(value) + 7) & ~7
+            self._slot = stride
+            self._buf_type = ctypes.c_char * (stride * self.ncpus)
+
+    def _key(self, key: K | int) -> ctypes._CData:
+        return key if isinstance(key, ctypes._SimpleCData | ctypes.Structure) else self.key_type(key)
+
+    def lookup(self, key: K | int) -> V | list[V] | None:
+        """The value (a list of per-CPU values for per-CPU maps), or None if absent."""
+        k = self._key(key)
+        buf = self._buf_type() if self.percpu else self.value_type()
+        ret = lib.bpf_map_lookup_elem(self.fd, ctypes.byref(k), ctypes.byref(buf))
+        if ret == -errno.ENOENT:
+            return None
+        check(ret, f"lookup in {self.name}")
+        if self.percpu:
+            return [self.value_type.from_buffer_copy(buf, i * self._slot) for i in range(self.ncpus)]
+        return buf
+
+    def update(self, key: K | int, value: V, flags: int = BPF_ANY) -> None:
+        """Insert or replace (per-CPU maps: the same value on every CPU)."""
+        k = self._key(key)
+        if self.percpu:
+            buf = self._buf_type()
+            for i in range(self.ncpus):
+                ctypes.memmove(ctypes.addressof(buf) + i * self._slot, ctypes.byref(value), ctypes.sizeof(value))
+            value = buf
+        check(lib.bpf_map_update_elem(self.fd, ctypes.byref(k), ctypes.byref(value), flags), f"update {self.name}")
+
+    def delete(self, key: K | int) -> bool:
+        """Delete a key; False if it was absent."""
+        ret = lib.bpf_map_delete_elem(self.fd, ctypes.byref(self._key(key)))
+        if ret == -errno.ENOENT:
+            return False
+        check(ret, f"delete from {self.name}")
+        return True
+
+    def keys(self) -> Iterator[K]:
+        prev, nxt = None, self.key_type()
+        while True:
+            ret = lib.bpf_map_get_next_key(self.fd, ctypes.byref(prev) if prev is not None else None, ctypes.byref(nxt))
+            if ret == -errno.ENOENT:
+                return
+            check(ret, f"iterate {self.name}")
+            yield nxt
+            prev, nxt = nxt, self.key_type()
+
+    def sum_counters(self) -> list[int]:
+        """For a per-CPU array of u64 counters: each counter summed over CPUs."""
+        return [sum(v.value for v in self.lookup(i)) for i in range(self.max_entries)]
+
+
+class BpfObject:
+    """A compiled BPF object, opened and loaded (verified) into the kernel.
+
+    >>> with BpfObject.load("udp_fanout") as obj: prog = obj.program("fr_udp_fanout")
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        privileges.require()
+        self.path = Path(path)
+        self._obj = check_ptr(lib.bpf_object__open_file(str(self.path).encode(), None), f"open {self.path}")
+        self._logs: dict[str, ctypes.Array] = {}
+        prog = None
+        while prog := lib.bpf_object__next_program(self._obj, prog):
+            buf = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
+            lib.bpf_program__set_log_buf(prog, buf, len(buf))
+            self._logs[lib.bpf_program__name(prog).decode()] = buf
+        ret = lib.bpf_object__load(self._obj)
+        if ret < 0:
+            failed = [(name, buf.value.decode(errors="replace")) for name, buf in self._logs.items() if buf.value]
+            lib.bpf_object__close(self._obj)
+            self._obj = 0
+            name, text = failed[-1] if failed else ("?", "")
+            tail = "\n".join(text.rstrip().splitlines()[-LOG_TAIL_LINES:])
+            raise LoadError(f"kernel rejected {self.path.name} (program {name}): error {-ret}", tail)
+        self._logs.clear()  # the buffers are only needed for a failed load
+        self.btf = Btf(lib.bpf_object__btf(self._obj))
+
+    @classmethod
+    def load(cls, program: str) -> BpfObject:
+        """Build (cached) and load bpf/<program>.bpf.c."""
+        return cls(build.build(program))
+
+    def program(self, name: str) -> Program:
+        return Program(check_ptr(lib.bpf_object__find_program_by_name(self._obj, name.encode()), f"program {name}"))
+
+    def map(self, name: str, key: type[K], value: type[V]) -> Map[K, V]:
+        """A map with its key/value layouts checked against BTF (LayoutError names the field)."""
+        h = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
+        for what, tid, ctype in (
+            ("key", lib.bpf_map__btf_key_type_id(h), key),
+            ("value", lib.bpf_map__btf_value_type_id(h), value),
+        ):
+            if tid:
+                check_layout(self.btf, tid, ctype, f"{name}.{what}")
+        return Map(h, key, value)
+
+    def ringbuf_map(self, name: str) -> int:
+        """fd of a ring-buffer map."""
+        return lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}"))
+
+    def struct(self, name: str, ctype: type) -> type:
+        """Check `ctype` against `struct name` in this object's BTF and return it."""
+        check_layout(self.btf, self.btf.find(name, KIND_STRUCT), ctype, f"struct {name}")
+        return ctype
+
+    def enum(self, name: str) -> dict[str, int]:
+        return self.btf.enum(name)
+
+    def close(self) -> None:
+        """Unload: programs and maps go away once no link or fd still holds them."""
+        if self._obj:
+            lib.bpf_object__close(self._obj)
+            self._obj = 0
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,98 @@
+"""Resolve where a packet to an address leaves: interface, source address, MACs, MTU.
+
+The BPF fast path has no ARP/NDP, so userspace resolves next hops (route + neighbour
+table through netlink) and re-validates them periodically.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_FAILED, NUD_PERMANENT = (
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x80)
+_USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+
+
+class NextHopError(Exception):
+    """No route or no link-layer address for a destination."""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    ifindex: int
+    src_ip: str
+    src_mac: str
+    dst_mac: str
+    mtu: int
+    stale: bool  # the neighbour entry wants re-validation
+
+
+def _poke(ip: str) -> None:
+    """Make the kernel (re)resolve `ip`: one ICMP echo request (raw socket, root)."""
+    v6 = ipaddress.ip_address(ip).version == 6
+    fam, proto, kind = (socket.AF_INET6, socket.IPPROTO_ICMPV6, 128) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP, 8)
+    hdr = struct.pack("!BBHHH", kind, 0, 0, os.getpid() & 0xFFFF, 1)
+    if not v6:  # the kernel fills the ICMPv6 checksum itself
+        total = sum(struct.unpack("!4H", hdr))
+        total = (total & 0xFFFF) + (total >> 16)
+        hdr = struct.pack("!BBHHH", kind, 0, ~total & 0xFFFF, os.getpid() & 0xFFFF, 1)
+    with socket.socket(fam, socket.SOCK_RAW, proto) as s:
+        try:
+            s.sendto(hdr, (ip, 0))
+        except OSError:
+            pass  # unreachable now; the caller reports it if it stays so
+
+
+class Resolver:
+    """Route and neighbour look-ups in the current network namespace."""
+
+    def __init__(self) -> None:
+        self._ip = IPRoute()
+
+    def close(self) -> None:
+        self._ip.close()
+
+    def _neighbour(self, ifindex: int, ip: str) -> tuple[str, int] | None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        for n in self._ip.get_neighbours(family=family, ifindex=ifindex):
+            if n.get("NDA_DST") == ip and n.get("NDA_LLADDR"):
+                return n.get("NDA_LLADDR"), n["state"]
+        return None
+
+    def resolve(self, ip: str, wait: float = 1.0, revalidate: bool = False) -> NextHop:
+        """Next hop towards `ip`; probes the neighbour when unknown (or stale and `revalidate`)."""
+        try:
+            route = self._ip.route("get", dst=ip)[0]
+        except Exception as exc:  # pyroute2 raises NetlinkError for unreachable destinations
+            raise NextHopError(f"no route to {ip}: {exc}") from exc
+        ifindex = route.get("RTA_OIF")
+        hop = route.get("RTA_GATEWAY") or ip
+        src = route.get("RTA_PREFSRC")
+        if src is None:  # IPv6 routes often carry no preferred source: take the interface's
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            addrs = [a.get("IFA_ADDRESS") for a in self._ip.get_addr(family=fam, index=ifindex)
+                     if a["scope"] == 0]
+            if not addrs:
+                raise NextHopError(f"no source address on the interface towards {ip}")
+            src = addrs[0]
+        link = self._ip.get_links(ifindex)[0]
+        neigh = self._neighbour(ifindex, hop)
+        if neigh is None or not neigh[1] & _USABLE or (revalidate and neigh[1] & NUD_STALE):
+            _poke(hop)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                neigh = self._neighbour(ifindex, hop)
+                if neigh and neigh[1] & (NUD_REACHABLE | NUD_PERMANENT):
+                    break
+                time.sleep(0.01)
+        if neigh is None or not neigh[1] & _USABLE:
+            raise NextHopError(f"{hop} does not answer neighbour discovery on ifindex {ifindex}")
+        return NextHop(ifindex, src, link.get("IFLA_ADDRESS"), neigh[0], link.get("IFLA_MTU"),
+                       bool(neigh[1] & NUD_STALE))
