@@ -26,6 +26,25 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cleanup(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from .kernel.attach import sweep
+    from .kernel.stats import PIN_ROOT
+    from .netns import NETNS_RUN_DIR, entered
+
+    removed = sweep()
+    for ns in sorted(os.listdir(NETNS_RUN_DIR)) if os.path.isdir(NETNS_RUN_DIR) else []:
+        with entered(ns):
+            removed += sweep()
+    if os.path.isdir(PIN_ROOT):
+        shutil.rmtree(PIN_ROOT)
+        print(f"removed pinned objects under {PIN_ROOT}")
+    print(f"removed {removed} stale clsact filter(s)")
+    return 0
+
+
 def _udp_fanout(args: argparse.Namespace) -> int:
     from .fanout.endpoints import parse_endpoint
     from .fanout.relay import FanoutRelay
@@ -95,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="compile every BPF program (cached)")
     b.set_defaults(fn=_build)
+
+    cl = sub.add_parser("cleanup", help="remove kernel state a killed run left (clsact filters, pins)")
+    cl.set_defaults(fn=_cleanup)
 
     f = sub.add_parser("udp-fanout", help="relay one UDP stream to many subscribers")
     f.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address and port to receive on")

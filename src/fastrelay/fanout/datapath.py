@@ -14,10 +14,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..kernel import abi
 from ..kernel.attach import TcLink
 from ..kernel.objects import BpfObject
-from ..kernel.ringbuf import RingBuffer
 from ..kernel.stats import prog_run_stats
 from ..nexthop import NextHop, NextHopError, Resolver
 from .endpoints import Endpoint
@@ -111,8 +112,7 @@ class KernelDatapath(Datapath):
         self._stats = self.obj.map("fr_fanout_stats", ctypes.c_uint32, ctypes.c_uint64)
         self._counter_names = {v: k.removeprefix("FR_FC_").lower()
                                for k, v in self.obj.enum("fr_fanout_counter").items() if k != "FR_FC_MAX"}
-        self.obj.struct("fr_fanout_event", abi.FanoutEvent)
-        self._events = RingBuffer(self.obj.ringbuf_map("fr_fanout_events"), abi.FanoutEvent, self._on_event)
+        self._events = self.obj.ringbuf("fr_fanout_events", abi.FanoutEvent, "fr_fanout_event")
         self._resolver = Resolver()
         self._family = listen.family
         self._port = listen.port
@@ -141,11 +141,6 @@ class KernelDatapath(Datapath):
             ctypes.memmove(cfg.src_addr, raw, len(raw))
         self._cfg.update(0, cfg)
 
-    def _on_event(self, ev: abi.FanoutEvent) -> None:
-        sub = self.subs.get(ev.sub_id)
-        if sub is not None:
-            sub.kernel_copies += 1
-            sub.bytes += ev.bytes
 
     def _resolve(self, sub: Subscriber, revalidate: bool = False) -> bool:
         try:
@@ -211,10 +206,18 @@ class KernelDatapath(Datapath):
         return self._events.fileno()
 
     def poll_events(self) -> int:
-        n = total = self._events.consume()
-        while n == 65536:
-            n = self._events.consume()
-            total += n
+        """Account every copy the kernel reported (one record each) to its subscriber."""
+        total = 0
+        while len(recs := self._events.consume()):
+            total += len(recs)
+            ids, inverse = np.unique(recs["sub_id"], return_inverse=True)
+            copies = np.bincount(inverse)
+            nbytes = np.bincount(inverse, weights=recs["bytes"])
+            for i, sub_id in enumerate(ids.tolist()):
+                sub = self.subs.get(sub_id)
+                if sub is not None:  # records of a removed subscriber are dropped
+                    sub.kernel_copies += int(copies[i])
+                    sub.bytes += int(nbytes[i])
         return total
 
     def poll(self) -> None:
@@ -232,7 +235,7 @@ class KernelDatapath(Datapath):
         out = {name: values[i] for i, name in self._counter_names.items()}
         run = prog_run_stats(self.prog.fd)
         out["bpf_run_ns"], out["bpf_run_cnt"] = run.run_time_ns, run.run_cnt
-        out["ringbuf_short_records"] = self._events.short_records
+        out["ringbuf_foreign_records"] = self._events.foreign_records
         return out
 
     def close(self) -> None:

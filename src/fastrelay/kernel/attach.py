@@ -52,8 +52,8 @@ def our_program_names() -> list[str]:
     return names
 
 
-def _hook(ifindex: int, direction: Direction) -> BpfTcHook:
-    point = BPF_TC_INGRESS if direction is Direction.INGRESS else BPF_TC_EGRESS
+def _hook(ifindex: int, direction: Direction | str) -> BpfTcHook:
+    point = BPF_TC_INGRESS if Direction(direction) is Direction.INGRESS else BPF_TC_EGRESS
     return BpfTcHook(sz=ctypes.sizeof(BpfTcHook), ifindex=ifindex, attach_point=point)
 
 
@@ -66,7 +66,7 @@ def _has_clsact(ifindex: int) -> bool:
         return any(q.get("TCA_KIND") == "clsact" for q in ip.get_qdiscs(index=ifindex))
 
 
-def remove_stale(ifindex: int, direction: Direction) -> int:
+def remove_stale(ifindex: int, direction: Direction | str) -> int:
     """Remove clsact filters of ours a crashed run left on this hook; returns how many."""
     if not _has_clsact(ifindex):
         return 0
@@ -77,8 +77,15 @@ def remove_stale(ifindex: int, direction: Direction) -> int:
         if lib.bpf_tc_query(hook, opts) == 0:
             if lib.bpf_tc_detach(hook, _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)) == 0:
                 removed += 1
-                log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, direction)
+                log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
     return removed
+
+
+def sweep() -> int:
+    """Remove every clsact filter of ours in the current network namespace; returns how many."""
+    import socket
+
+    return sum(remove_stale(idx, d) for idx, _ in socket.if_nameindex() for d in Direction)
 
 
 class TcLink:

@@ -46,7 +46,6 @@ class BtfType(ctypes.Structure):
     _fields_ = [("name_off", c_uint32), ("info", c_uint32), ("size_type", c_uint32)]
 
 
-RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
 PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
@@ -89,19 +88,12 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_prog_get_next_id": (c_int, [c_uint32, ctypes.POINTER(c_uint32)]),
     "bpf_map_get_next_id": (c_int, [c_uint32, ctypes.POINTER(c_uint32)]),
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
-    "bpf_link_get_next_id": (c_int, [c_uint32, ctypes.POINTER(c_uint32)]),
-    "ring_buffer__new": (c_void_p, [c_int, RING_BUFFER_SAMPLE_FN, c_void_p, c_void_p]),
-    "ring_buffer__consume": (c_int, [c_void_p]),
-    "ring_buffer__epoll_fd": (c_int, [c_void_p]),
-    "ring_buffer__free": (None, [c_void_p]),
     "btf__load_vmlinux_btf": (c_void_p, []),
     "btf__free": (None, [c_void_p]),
-    "btf__type_cnt": (c_uint32, [c_void_p]),
     "btf__type_by_id": (ctypes.POINTER(BtfType), [c_void_p, c_uint32]),
     "btf__name_by_offset": (c_char_p, [c_void_p, c_uint32]),
     "btf__find_by_name_kind": (c_int, [c_void_p, c_char_p, c_uint32]),
     "btf__resolve_size": (ctypes.c_int64, [c_void_p, c_uint32]),
-    "btf__resolve_type": (c_int, [c_void_p, c_uint32]),
 }
 
 

@@ -12,6 +12,7 @@ from . import build, privileges
 from .btf import KIND_STRUCT, Btf, check_layout
 from .errors import LoadError
 from .libbpf import BPF_ANY, check, check_ptr, lib
+from .ringbuf import RingBuffer
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -105,6 +106,7 @@ class BpfObject:
     """
 
     def __init__(self, path: str | Path) -> None:
+        self._obj = 0
         privileges.require()
         self.path = Path(path)
         self._obj = check_ptr(lib.bpf_object__open_file(str(self.path).encode(), None), f"open {self.path}")
@@ -144,9 +146,11 @@ class BpfObject:
                 check_layout(self.btf, tid, ctype, f"{name}.{what}")
         return Map(h, key, value)
 
-    def ringbuf_map(self, name: str) -> int:
-        """fd of a ring-buffer map."""
-        return lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}"))
+    def ringbuf(self, name: str, record: type[ctypes.Structure], btf_struct: str) -> RingBuffer:
+        """A reader for ring-buffer map `name` whose records are `struct btf_struct` (checked)."""
+        self.struct(btf_struct, record)
+        h = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
+        return RingBuffer(lib.bpf_map__fd(h), lib.bpf_map__max_entries(h), record)
 
     def struct(self, name: str, ctype: type) -> type:
         """Check `ctype` against `struct name` in this object's BTF and return it."""

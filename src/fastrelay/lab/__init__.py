@@ -1,0 +1,1 @@
+"""Network-namespace testbeds for exercising the relay on one machine."""

@@ -1,0 +1,117 @@
+"""Loading objects: verifier errors, BTF layout checks, typed map access."""
+
+import ctypes
+
+import pytest
+
+from fastrelay.kernel import abi
+from fastrelay.kernel.build import build
+from fastrelay.kernel.errors import LayoutError, LoadError
+from fastrelay.kernel.objects import BpfObject
+
+pytestmark = pytest.mark.usefixtures("root")
+
+BAD_PROGRAM = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("tc")
+int fr_test_oob(struct __sk_buff *skb)
+{
+	unsigned char *data = (void *)(long)skb->data;
+	return data[100];	/* no bounds check against data_end */
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_verifier_rejection_carries_the_log_tail(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRELAY_CACHE", str(tmp_path))
+    src = tmp_path / "oob.bpf.c"
+    src.write_text(BAD_PROGRAM)
+    with pytest.raises(LoadError) as exc:
+        BpfObject(build(src))
+    assert "fr_test_oob" in str(exc.value)
+    assert "invalid access to packet" in exc.value.log
+    assert "verifier log" in str(exc.value)
+
+
+def test_open_error_for_a_non_object(tmp_path):
+    junk = tmp_path / "junk.o"
+    junk.write_bytes(b"not an ELF file")
+    with pytest.raises(OSError):
+        BpfObject(junk)
+
+
+def test_maps_round_trip_with_checked_layouts():
+    with BpfObject.load("udp_fanout") as obj:
+        cfg = obj.map("fr_fanout_cfg", ctypes.c_uint32, abi.FanoutConfig)
+        cfg.update(0, abi.FanoutConfig(port=1234, family=2, max_len=1500))
+        got = cfg.lookup(0)
+        assert (got.port, got.family, got.max_len) == (1234, 2, 1500)
+        sets = obj.map("fr_fanout_sets", ctypes.c_uint32, abi.FanoutSet)
+        s = abi.FanoutSet(count=1)
+        s.subs[0].id = 77
+        sets.update(1, s)
+        assert sets.lookup(1).subs[0].id == 77
+        stats = obj.map("fr_fanout_stats", ctypes.c_uint32, ctypes.c_uint64)
+        assert stats.percpu and stats.sum_counters() == [0] * stats.max_entries
+        assert obj.enum("fr_fanout_counter")["FR_FC_MAX"] == stats.max_entries
+
+
+def test_hash_map_iterate_and_delete():
+    with BpfObject.load("lab_probe") as obj:
+        slots = obj.map("fr_probe_slots", abi.ProbeMac, ctypes.c_uint32)
+        for i in range(3):
+            key = abi.ProbeMac()
+            key.addr[:] = bytes([2, 0, 0, 0, 0, i])
+            slots.update(key, ctypes.c_uint32(i))
+        keys = list(slots.keys())
+        assert sorted(k.addr[5] for k in keys) == [0, 1, 2]
+        assert slots.delete(keys[0]) and not slots.delete(keys[0])
+        assert slots.lookup(keys[0]) is None
+        assert len(list(slots.keys())) == 2
+
+
+class SwappedSub(ctypes.Structure):
+    _fields_ = [(n, t) for n, t in abi.FanoutSub._fields_]
+    _fields_[0], _fields_[1] = ("ifindex", ctypes.c_uint32), ("id", ctypes.c_uint32)
+
+
+class ShortConfig(ctypes.Structure):
+    _fields_ = [f for f in abi.FanoutConfig._fields_ if f[0] != "max_len"]
+
+
+class WidePortConfig(ctypes.Structure):
+    _fields_ = [("port", ctypes.c_uint32) if f[0] == "port" else f for f in abi.FanoutConfig._fields_]
+
+
+class SwappedSet(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+                ("subs", SwappedSub * abi.FR_MAX_SUBSCRIBERS)]
+
+
+@pytest.mark.parametrize("mirror,name,message", [
+    (ShortConfig, "fr_fanout_cfg", "size"),
+    (WidePortConfig, "fr_fanout_cfg", "size"),
+    (SwappedSet, "fr_fanout_sets", "subs[].ifindex: offset 4 in BTF, 0 in Python"),
+])
+def test_layout_mismatch_names_the_field(mirror, name, message):
+    with BpfObject.load("udp_fanout") as obj, pytest.raises(LayoutError, match=message.replace("[", r"\[")):
+        obj.map(name, ctypes.c_uint32, mirror)
+
+
+def test_layout_mismatch_missing_member_is_named():
+    class Renamed(ctypes.Structure):
+        _fields_ = [("sub", ctypes.c_uint32), ("bytes", ctypes.c_uint32)]
+
+    with BpfObject.load("udp_fanout") as obj, pytest.raises(LayoutError, match="sub_id"):
+        obj.struct("fr_fanout_event", Renamed)
+
+
+def test_every_mirror_matches_its_object():
+    with BpfObject.load("lab_probe") as obj:
+        obj.map("fr_probe_cfg", ctypes.c_uint32, abi.ProbeConfig)
+        obj.map("fr_probe_ts", ctypes.c_uint32, abi.ProbeTs)
+        obj.map("fr_probe_hist", ctypes.c_uint32, abi.ProbeHist)
+    with BpfObject.load("lab_dropper") as obj:
+        obj.map("fr_drop_cfg", ctypes.c_uint32, abi.DropConfig)

@@ -1,0 +1,71 @@
+"""Lab impairments: BPF random loss, TBF rate limit, netem delay (where the kernel has it)."""
+
+import socket
+import subprocess
+
+import pytest
+
+from fastrelay.lab import impair
+from fastrelay.lab.topology import Lab
+from fastrelay.lab.traffic import UdpSink, UdpSource
+from fastrelay.netns import entered, exec_argv
+
+pytestmark = pytest.mark.usefixtures("root")
+
+
+@pytest.fixture
+def lab():
+    with Lab("ti", 1) as lab:
+        yield lab
+
+
+def send(lab: Lab, count: int, rate: float | None, size: int = 1000) -> int:
+    """Send `count` datagrams publisher -> relay; how many arrived."""
+    with entered(lab.relay_ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((lab.publisher.relay_ipv4, 5001))
+    with entered(lab.publisher.netns):
+        src = UdpSource((lab.publisher.relay_ipv4, 5001), rate=rate, count=count, size=size)
+    with UdpSink([sock]) as sink, src:
+        src.run()
+        stats = sink.collect(expected=count, timeout=1.5)[0]
+    sock.close()
+    assert stats.bad == 0 and stats.duplicates == 0
+    return len(stats.seqs)
+
+
+def test_random_loss_drops_about_the_configured_share(lab):
+    loss = impair.RandomLoss(lab.relay_ns, lab.publisher.relay_ifname, 0.2)
+    try:
+        got = send(lab, 5000, rate=50000)
+        c = loss.counters()
+    finally:
+        loss.close()
+    assert c["seen"] >= 5000 and c["dropped"] >= 5000 - got  # the counters saw every lost datagram
+    assert 0.15 < 1 - got / 5000 < 0.25  # binomial sd is 0.6%: this cannot flake
+    assert send(lab, 500, rate=50000) == 500  # closed: no loss
+
+
+def test_loss_probability_is_validated(lab):
+    with pytest.raises(ValueError):
+        impair.RandomLoss(lab.relay_ns, "pub0", 1.5)
+
+
+def test_tbf_rate_limit_caps_throughput(lab):
+    impair.rate_limit(lab.publisher.netns, lab.publisher.ifname, "2mbit", burst="10kb", latency="20ms")
+    qd = subprocess.run(exec_argv(lab.publisher.netns, ["tc", "qdisc", "show", "dev", "eth0"]),
+                        capture_output=True, text=True).stdout
+    assert "tbf" in qd
+    # 2000 x 1028 B offered at once is 16 Mbit: the queue keeps 20 ms worth, the rest is dropped
+    assert send(lab, 2000, rate=None) < 400
+    impair.clear(lab.publisher.netns, lab.publisher.ifname)
+    assert send(lab, 2000, rate=50000) == 2000
+
+
+def test_netem_delay_or_a_clear_error(lab):
+    try:
+        impair.delay(lab.publisher.netns, lab.publisher.ifname, 5)
+    except impair.ImpairmentUnavailable as exc:
+        assert "netem" in str(exc)
+    else:
+        impair.clear(lab.publisher.netns, lab.publisher.ifname)
