@@ -197,6 +197,12 @@ int fr_udp_fanout(struct __sk_buff *skb)
 		count(FR_FC_RX);
 		count(FR_FC_DROP_MALFORMED);
 		return TC_ACT_SHOT;
+	case FR_PARSE_IRREGULAR:
+		if (p.dport == cfg->port && p.family == cfg->family) {
+			count(FR_FC_RX);
+			count(FR_FC_PASS_IRREGULAR);
+		}
+		return TC_ACT_OK;
 	case FR_PARSE_OK:
 		break;
 	}

@@ -8,6 +8,7 @@ reads a ring-buffer record per copy afterwards.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import socket
 import time
@@ -99,7 +100,8 @@ class KernelDatapath(Datapath):
 
     name = "kernel"
     NEIGHBOUR_REFRESH_S = 5.0
-    MIN_FLIP_INTERVAL_S = 0.002  # in-flight packets finish with the old set well within this
+    MIN_FLIP_INTERVAL_S = 0.002
+    RECORD_BUDGET = 1 << 16  # in-flight packets finish with the old set well within this
 
     def __init__(self, sock: socket.socket, listen: Endpoint, interfaces: list[int],
                  source: str | None = None) -> None:
@@ -116,11 +118,15 @@ class KernelDatapath(Datapath):
         self._resolver = Resolver()
         self._family = listen.family
         self._port = listen.port
+        # copies come from the address subscribers talk to, as a socket bound to it would send;
+        # with a wildcard listen address, from the route's preferred source (like an unbound socket)
+        self._src_ip = None if ipaddress.ip_address(listen.ip).is_unspecified else listen.ip
         self._source = source
         self._active_idx = 0
         self._generation = 0
         self._last_flip = 0.0
         self._next_refresh = time.monotonic() + self.NEIGHBOUR_REFRESH_S
+        prog_run_stats(self.prog.fd)  # loads the kernel BTF layout once, at start rather than mid-run
         self._publish([])
         self._write_config(max_len=0)
         self.links: list[TcLink] = []
@@ -170,7 +176,7 @@ class KernelDatapath(Datapath):
             e.src_mac[:] = bytes.fromhex(hop.src_mac.replace(":", ""))
             e.dst_port, e.src_port = socket.htons(sub.endpoint.port), socket.htons(self._port)
             dst = socket.inet_pton(self._family, sub.endpoint.ip)
-            src = socket.inet_pton(self._family, hop.src_ip)
+            src = socket.inet_pton(self._family, self._src_ip or hop.src_ip)
             ctypes.memmove(e.dst_ip, dst, len(dst))
             ctypes.memmove(e.src_ip, src, len(src))
         self._sets.update(nxt, fs)
@@ -208,7 +214,9 @@ class KernelDatapath(Datapath):
     def poll_events(self) -> int:
         """Account every copy the kernel reported (one record each) to its subscriber."""
         total = 0
-        while len(recs := self._events.consume()):
+        while True:
+            # one batch per call unless it was full: "until empty" never ends under sustained traffic
+            recs = self._events.consume(self.RECORD_BUDGET)
             total += len(recs)
             ids, inverse = np.unique(recs["sub_id"], return_inverse=True)
             copies = np.bincount(inverse)
@@ -218,7 +226,8 @@ class KernelDatapath(Datapath):
                 if sub is not None:  # records of a removed subscriber are dropped
                     sub.kernel_copies += int(copies[i])
                     sub.bytes += int(nbytes[i])
-        return total
+            if len(recs) < self.RECORD_BUDGET:
+                return total
 
     def poll(self) -> None:
         self.poll_events()

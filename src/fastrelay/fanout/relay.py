@@ -83,16 +83,17 @@ class FanoutRelay:
         return sub
 
     def stats(self) -> dict[str, Any]:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        return {
+        out = {
             "datapath": self.datapath.name,
             "listen": str(self.listen),
             "received": self.received,
             "dropped_source": self.dropped_source,
-            "cpu_s": ru.ru_utime + ru.ru_stime,
             "subscribers": [s.as_dict() for s in self.datapath.subs.values()],
             "kernel": self.datapath.counters(),
         }
+        ru = resource.getrusage(resource.RUSAGE_SELF)  # last, so the snapshot covers building the reply
+        out["cpu_s"] = ru.ru_utime + ru.ru_stime
+        return out
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from .errors import PermissionDenied
 
 CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
@@ -19,9 +17,7 @@ def effective_caps() -> int:
 
 
 def missing() -> list[str]:
-    """Names of the capabilities fastrelay needs and lacks (empty when root)."""
-    if os.geteuid() == 0:
-        return []
+    """Names of the capabilities fastrelay needs and lacks (root normally has them all)."""
     caps = effective_caps()
     need = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_PERFMON": CAP_PERFMON}
     return [name for name, bit in need.items() if not caps >> bit & 1]

@@ -5,8 +5,11 @@ Python) and its ring_buffer__poll never returns under sustained load. This reade
 the consumer page (read-write) and the producer page + data area (read-only; the kernel
 maps the data twice in a row, so a record never wraps), decodes a run of fixed-size
 records with one numpy call, and advances the consumer position itself. A budget bounds
-each call. The map fd is pollable: wait on `fileno()` and consume on a timer too, since
-producers may skip wake-ups (BPF_RB_NO_WAKEUP).
+each call. The map fd itself polls readable whenever anything is unconsumed (level
+triggered), which would spin a reader under sustained load; `fileno()` is instead an
+edge-triggered epoll that fires only when a producer wakes readers (our programs do that
+once a threshold of bytes is pending). Consume on a timer too: producers skip wake-ups
+(BPF_RB_NO_WAKEUP) below the threshold.
 
 Ordering: on x86-64 loads are not reordered with loads nor stores with stores, so reading
 the producer position before the records and writing the consumer position after them
@@ -18,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+import select
 import struct
 
 import numpy as np
@@ -58,14 +62,17 @@ class RingBuffer:
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
+        self._wakeups = select.epoll()
+        self._wakeups.register(map_fd, select.EPOLLIN | select.EPOLLET)
         self.foreign_records = 0  # records of another size, skipped (counted)
 
     def fileno(self) -> int:
-        """The map fd: readable when the kernel woke readers."""
-        return self._fd
+        """Readable after a producer woke readers (edge-triggered); consume() re-arms it."""
+        return self._wakeups.fileno()
 
     def consume(self, budget: int = 1 << 16) -> np.ndarray:
         """Up to `budget` ready records as a numpy structured array (a copy); never blocks."""
+        self._wakeups.poll(0)  # take the pending edge, if any
         cons = _U64.unpack_from(self._cons, 0)[0]
         prod = _U64.unpack_from(self._prod, 0)[0]
         step = self.dtype.itemsize
@@ -93,5 +100,6 @@ class RingBuffer:
         return cons + ((HDR_SIZE + (length & ~DISCARD_BIT) + 7) & ~7)
 
     def close(self) -> None:
+        self._wakeups.close()
         self._cons.close()
         self._prod.close()

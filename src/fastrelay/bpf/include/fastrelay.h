@@ -78,6 +78,7 @@ enum fr_fanout_counter {
 	FR_FC_PASS_GSO,              /* GRO/GSO-merged skb: passed up to userspace */
 	FR_FC_PASS_OVERSIZE,         /* larger than max_len: passed up to userspace */
 	FR_FC_PASS_FRAGMENT,         /* IP fragment: passed up for reassembly */
+	FR_FC_PASS_IRREGULAR,        /* trailing bytes beyond UDP/IP length: passed up, the stack trims */
 	FR_FC_DROP_MALFORMED,        /* truncated or inconsistent lengths */
 	FR_FC_DROP_SOURCE,           /* source not allowed */
 	FR_FC_DROP_NO_SUBS,          /* nobody subscribed */

@@ -36,6 +36,7 @@ enum fr_parse_result {
 	FR_PARSE_OK = 0,
 	FR_PARSE_OTHER,              /* not IPv4/IPv6 UDP: none of our business */
 	FR_PARSE_MALFORMED,          /* lengths inconsistent with the skb */
+	FR_PARSE_IRREGULAR,          /* legal but not exact (trailing bytes): leave it to the stack */
 };
 
 /*
@@ -95,10 +96,13 @@ static __always_inline enum fr_parse_result fr_parse_udp(struct __sk_buff *skb, 
 
 	if (p->l3_len > wire_l3 || p->l3_len < hdr_len + sizeof(*udp))
 		return FR_PARSE_MALFORMED;       /* truncated, or shorter than its headers */
-	if (p->udp_len != p->l3_len - hdr_len)
+	if (p->udp_len > p->l3_len - hdr_len || p->udp_len < sizeof(*udp))
 		return FR_PARSE_MALFORMED;
 	if (p->family == FR_AF_INET6 && p->csum == 0)
 		return FR_PARSE_MALFORMED;       /* a zero UDP checksum is invalid over IPv6 */
+	/* bytes after the UDP datagram or after the IP packet: the stack trims them */
+	if (p->udp_len != p->l3_len - hdr_len || p->l3_len != wire_l3)
+		return FR_PARSE_IRREGULAR;
 	return FR_PARSE_OK;
 }
 
