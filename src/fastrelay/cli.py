@@ -50,7 +50,7 @@ def _udp_fanout(args: argparse.Namespace) -> int:
     from .fanout.relay import FanoutRelay
 
     relay = FanoutRelay(parse_endpoint(args.listen), args.datapath, control=args.control,
-                        interfaces=args.interface, source=args.source)
+                        interfaces=args.interface, source=args.source, neighbour_refresh=args.neighbour_refresh)
     try:
         for addr in args.sub or []:
             relay.add(addr)
@@ -126,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--interface", action="append", metavar="IF",
                    help="kernel path: ingress interface(s) to attach to (default: all but lo)")
     f.add_argument("--source", metavar="ADDR", help="only relay datagrams from this source address")
+    f.add_argument("--neighbour-refresh", type=float, default=5.0, metavar="S",
+                   help="kernel path: re-check subscribers' next hops (MACs) every S seconds")
     f.add_argument("--stats", action="store_true", help="print final statistics as JSON on exit")
     f.set_defaults(fn=_udp_fanout)
 

@@ -40,7 +40,8 @@ def verify(lab: Lab, datapath: str) -> str:
         s.close()
     exact = all(len(s.seqs) == DATAGRAMS and not s.bad and not s.duplicates for s in stats)
     got = ", ".join(str(len(s.seqs)) for s in stats)
-    return f"{datapath:9}: {len(socks)} subscribers received [{got}] of {DATAGRAMS}, byte-exact: {'yes' if exact else 'NO'}"
+    verdict = "yes" if exact else "NO"
+    return f"{datapath:9}: {len(socks)} subscribers received [{got}] of {DATAGRAMS}, byte-exact: {verdict}"
 
 
 def main() -> int:
@@ -57,8 +58,8 @@ def main() -> int:
     for fanout in (4, 16):
         for load in ("saturation", "equal"):
             k, u = by[("kernel", fanout, load)], by[("userspace", fanout, load)]
-            print(f"{fanout:>7} {load:>13} | {k.copies_per_s:>15.0f} {k.cpu_us_per_copy:>11.2f} {k.delay_p99_us:>9.1f} | "
-                  f"{u.copies_per_s:>13.0f} {u.cpu_us_per_copy:>11.2f} {u.delay_p99_us:>9.1f}")
+            print(f"{fanout:>7} {load:>13} | {k.copies_per_s:>15.0f} {k.cpu_us_per_copy:>11.2f} "
+                  f"{k.delay_p99_us:>9.1f} | {u.copies_per_s:>13.0f} {u.cpu_us_per_copy:>11.2f} {u.delay_p99_us:>9.1f}")
     print()
     for line in bench.summarize(cases):
         print(line)

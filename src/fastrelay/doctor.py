@@ -114,15 +114,15 @@ def run_checks() -> list[Check]:
         checks.append(Check("libbpf", False, str(exc), "loading any BPF program", "apt-get install libbpf1"))
         return checks
     if btf:
-        funcs = _btf_has([("bpf_crypto_ctx_create", 12)])
-        helpers = {h: _enum_has("bpf_func_id", f"BPF_FUNC_{h}") for h in ("loop", "ringbuf_output", "clone_redirect")}
-        checks.append(Check("bpf_loop", helpers["loop"], "helper present" if helpers["loop"] else "missing",
-                            "kernel fan-out loops", "Linux >= 5.17"))
-        checks.append(Check("ring buffer", helpers["ringbuf_output"], "present" if helpers["ringbuf_output"] else "missing",
-                            "per-copy records to userspace", "Linux >= 5.8"))
-        checks.append(Check("bpf_crypto kfuncs", funcs["bpf_crypto_ctx_create"],
-                            "present" if funcs["bpf_crypto_ctx_create"] else "missing",
-                            "in-kernel QUIC re-encryption (later feature)", "Linux >= 6.10 with CONFIG_BPF_SYSCALL crypto"))
+        for name, helper, disables, fix in (
+            ("bpf_loop", "loop", "kernel fan-out loops", "Linux >= 5.17"),
+            ("ring buffer", "ringbuf_output", "per-copy records to userspace", "Linux >= 5.8"),
+        ):
+            ok = _enum_has("bpf_func_id", f"BPF_FUNC_{helper}")
+            checks.append(Check(name, ok, "present" if ok else "missing", disables, fix))
+        ok = _btf_has([("bpf_crypto_ctx_create", 12)])["bpf_crypto_ctx_create"]
+        checks.append(Check("bpf_crypto kfuncs", ok, "present" if ok else "missing",
+                            "in-kernel QUIC re-encryption (later feature)", "Linux >= 6.10 with BPF crypto"))
     if not lacking and shutil.which("ip"):
         checks.extend(_scratch_netns_checks())
     return checks

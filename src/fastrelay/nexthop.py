@@ -31,7 +31,6 @@ class NextHop:
     src_mac: str
     dst_mac: str
     mtu: int
-    stale: bool  # the neighbour entry wants re-validation
 
 
 def _poke(ip: str) -> None:
@@ -66,8 +65,10 @@ class Resolver:
                 return n.get("NDA_LLADDR"), n["state"]
         return None
 
-    def resolve(self, ip: str, wait: float = 1.0, revalidate: bool = False) -> NextHop:
-        """Next hop towards `ip`; probes the neighbour when unknown (or stale and `revalidate`)."""
+    def resolve(self, ip: str, wait: float = 0.2, revalidate: bool = False) -> NextHop:
+        """Next hop towards `ip`. An unknown neighbour is probed and waited for up to `wait` s;
+        with `revalidate`, a stale one is probed too (without waiting: its old address stays
+        usable and the next look-up sees the answer)."""
         try:
             route = self._ip.route("get", dst=ip)[0]
         except Exception as exc:  # pyroute2 raises NetlinkError for unreachable destinations
@@ -84,15 +85,16 @@ class Resolver:
             src = addrs[0]
         link = self._ip.get_links(ifindex)[0]
         neigh = self._neighbour(ifindex, hop)
-        if neigh is None or not neigh[1] & _USABLE or (revalidate and neigh[1] & NUD_STALE):
+        if neigh is None or not neigh[1] & _USABLE:
             _poke(hop)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
+                time.sleep(0.005)
                 neigh = self._neighbour(ifindex, hop)
-                if neigh and neigh[1] & (NUD_REACHABLE | NUD_PERMANENT):
+                if neigh and neigh[1] & _USABLE:
                     break
-                time.sleep(0.01)
+        elif revalidate and neigh[1] & NUD_STALE:
+            _poke(hop)
         if neigh is None or not neigh[1] & _USABLE:
             raise NextHopError(f"{hop} does not answer neighbour discovery on ifindex {ifindex}")
-        return NextHop(ifindex, src, link.get("IFLA_ADDRESS"), neigh[0], link.get("IFLA_MTU"),
-                       bool(neigh[1] & NUD_STALE))
+        return NextHop(ifindex, src, link.get("IFLA_ADDRESS"), neigh[0], link.get("IFLA_MTU"))

@@ -15,7 +15,18 @@ from fastrelay.kernel.stats import leftovers
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import entered, exec_argv
 
-from .conftest import PORT, SUB_PORT, Sender, addr, capture, relay_ip, running_relay, source, stream, udp_frames
+from .conftest import (
+    PORT,
+    SUB_PORT,
+    Sender,
+    addr,
+    capture,
+    relay_ip,
+    running_relay,
+    source,
+    stream,
+    udp_frames,
+)
 
 DATAPATHS = ["kernel", "userspace"]
 
@@ -165,6 +176,29 @@ def test_source_filter(lab, datapath, sub_sockets):
         st = relay.call("stats")
     assert stats[0].received == 0
     assert (st["kernel"]["drop_source"] if datapath == "kernel" else st["dropped_source"]) == 200
+
+
+def test_kernel_path_follows_a_subscriber_mac_change(lab, sub_sockets):
+    sub = lab.subscribers[0]
+    socks = sub_sockets(lab, n=1)
+    with running_relay(lab, "kernel", [addr(sub, False)], extra=["--neighbour-refresh", "0.2"]) as relay:
+        _, before = stream(lab, socks, rate=5000, count=500, size=300)
+        time.sleep(1.1)  # ARP ignores a new address within locktime (1 s) of the last update
+        new_mac = "02:aa:bb:cc:dd:01"
+        for cmd in (["ip", "link", "set", "eth0", "address", new_mac], ["ip", "neigh", "flush", "dev", "eth0"]):
+            subprocess.run(exec_argv(sub.netns, cmd), check=True)
+        # the subscriber talks to the relay: its ARP request tells the relay's kernel the new address
+        with entered(sub.netns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"hello", (sub.relay_ipv4, 9))
+        s.close()
+        time.sleep(0.6)
+        _, after = stream(lab, socks, rate=5000, count=500, size=300)
+        st = relay.call("stats")
+    subprocess.run(exec_argv(sub.netns, ["ip", "link", "set", "eth0", "address", sub.mac]), check=True)
+    assert len(before[0].seqs) == 500 and len(after[0].seqs) == 500
+    assert st["subscribers"][0]["kernel_copies"] == 1000
+    assert "next hops changed" in relay.stderr
 
 
 def tc_filters(lab) -> str:

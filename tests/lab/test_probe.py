@@ -1,5 +1,6 @@
 """BPF one-way delay probes: every tagged packet counted, delays plausible, sink mode."""
 
+import itertools
 import socket
 
 import pytest
@@ -13,9 +14,9 @@ from fastrelay.netns import entered
 def test_bucket_bounds_are_increasing_and_exact_below_16():
     lows = [bucket_low(i) for i in range(512)]
     assert lows[:17] == list(range(17))
-    assert all(a < b for a, b in zip(lows, lows[1:]))
+    assert all(a < b for a, b in itertools.pairwise(lows))
     # each power of two is split into 16 buckets of at most 1/16 of its start
-    assert all((b - a) / a <= 1 / 16 for a, b in zip(lows[16:], lows[17:]))
+    assert all((b - a) / a <= 1 / 16 for a, b in itertools.pairwise(lows[16:]))
 
 
 def test_percentiles_from_a_histogram():

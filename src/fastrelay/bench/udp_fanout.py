@@ -7,8 +7,9 @@ Per fan-out:
 3. half capacity: the kernel path at 50% of its own capacity (must lose nothing).
 Delivered copies and one-way delays come from BPF probes at the subscribers' ingress
 (sink mode: the probe drops after measuring, so no receiving process competes for CPU).
-Relay CPU = the relay process's user+system time plus the run time of its BPF program
-(kernel.bpf_stats), so the kernel path's softirq work is not hidden.
+Relay CPU = CPU time of every process in the relay's namespace (observed from outside,
+schedstat) plus the run time of the relay's BPF program (kernel.bpf_stats), so the kernel
+path's softirq work is not hidden.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..fanout.control import request
 from ..kernel.stats import enable_run_stats
-from ..lab.cpu import host_busy_s
+from ..lab.cpu import host_busy_s, netns_cpu_s
 from ..lab.probe import DelayProbe, Delays
 from ..lab.topology import Lab
 from ..netns import exec_argv
@@ -95,18 +96,18 @@ def _send(lab: Lab, rate: float | None, seconds: float) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _relay_cpu(ctl: str) -> float:
-    st = request(ctl, {"op": "stats"})
-    return st["cpu_s"] + st["kernel"].get("bpf_run_ns", 0) / 1e9
+def _relay_cpu(lab: Lab, ctl: str) -> float:
+    bpf_ns = request(ctl, {"op": "stats"})["kernel"].get("bpf_run_ns", 0)
+    return netns_cpu_s(lab.relay_ns) + bpf_ns / 1e9
 
 
 def measure(lab: Lab, probe: DelayProbe, ctl: str, datapath: str, fanout: int, load: str,
             rate: float | None, seconds: float) -> Case:
     probe.reset()
-    cpu0, host0 = _relay_cpu(ctl), host_busy_s()
+    cpu0, host0 = _relay_cpu(lab, ctl), host_busy_s()
     sent = _send(lab, rate, seconds)
     time.sleep(0.3)  # let queued copies drain
-    cpu1, host1 = _relay_cpu(ctl), host_busy_s()
+    cpu1, host1 = _relay_cpu(lab, ctl), host_busy_s()
     results = probe.read()[:fanout]
     merged = results[0]
     for r in results[1:]:
@@ -135,7 +136,7 @@ def run(fanouts: list[int], seconds: float) -> tuple[list[Case], dict[tuple[str,
             rx = [(s.netns, s.ifname, s.mac) for s in lab.subscribers]
             with DelayProbe((lab.publisher.netns, lab.publisher.ifname), rx, sink=True) as probe:
                 for fanout in fanouts:
-                    def case(dp: str, load: str, rate: float | None, ctl: str) -> Case:
+                    def case(dp: str, load: str, rate: float | None, ctl: str, fanout: int = fanout) -> Case:
                         c, delays = measure(lab, probe, ctl, dp, fanout, load, rate, seconds)
                         cases.append(c)
                         if load == "equal":
@@ -198,7 +199,8 @@ def write_markdown(path: Path, cases: list[Case], command: str, plots: list[str]
         "",
         *[f"- {line}" for line in summarize(cases)],
         "",
-        "Relay CPU = relay process user+system time + its BPF program's run time (bpf_stats); host CPU = all",
+        "Relay CPU = CPU time of the processes in the relay namespace (schedstat) + the relay's BPF program run",
+        "time (bpf_stats); host CPU = all",
         "non-idle time on the machine (sender, relay, softirq, probes) per delivered copy.",
         "Delay = BPF timestamp at publisher egress to BPF timestamp at subscriber ingress (same clock).",
         *[f"![{p}]({p})" for p in plots],
@@ -214,9 +216,10 @@ def plot(cases: list[Case], cdfs: dict[tuple[str, int], Delays], out: Path) -> l
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (dp, fanout), d in sorted(cdfs.items()):
+    colours = {f: f"C{i}" for i, f in enumerate(sorted({f for _, f in cdfs}))}
+    for (dp, fanout), d in sorted(cdfs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         xs, ys = d.cdf()
-        ax.plot([x / 1e3 for x in xs], ys, label=f"{dp}, fan-out {fanout}",
+        ax.plot([x / 1e3 for x in xs], ys, label=f"{dp}, fan-out {fanout}", color=colours[fanout],
                 linestyle="-" if dp == "kernel" else "--")
     ax.set_xscale("log")
     ax.set_xlabel("one-way delay publisher -> subscriber (us, log)")

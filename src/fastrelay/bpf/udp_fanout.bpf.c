@@ -54,12 +54,17 @@ struct {
 /* Ring-buffer records are consumed on a timer; wake the reader only when this much waits. */
 #define FR_WAKEUP_BYTES (256 * 1024)
 
-static __always_inline void count(__u32 idx)
+static __always_inline void count_n(__u32 idx, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&fr_fanout_stats, &idx);
 
 	if (v)
-		*v += 1;
+		*v += n;
+}
+
+static __always_inline void count(__u32 idx)
+{
+	count_n(idx, 1);
 }
 
 struct fanout_ctx {
@@ -67,6 +72,8 @@ struct fanout_ctx {
 	struct fr_fanout_set *set;
 	__u32 count;
 	__u32 last_ifindex;
+	__u32 copies;
+	__u64 rb_flags;              /* wake the reader or not: decided once per packet */
 	__u16 l3_off;
 	__u16 l4_off;
 	__u16 l3_len;
@@ -140,13 +147,10 @@ static __always_inline int rewrite(struct fanout_ctx *c, struct fr_fanout_sub *s
 static void emit(struct fanout_ctx *c, struct fr_fanout_sub *s)
 {
 	struct fr_fanout_event ev = { .sub_id = s->id, .bytes = c->l3_len };
-	__u64 flags = BPF_RB_NO_WAKEUP;
 
-	if (bpf_ringbuf_query(&fr_fanout_events, BPF_RB_AVAIL_DATA) >= FR_WAKEUP_BYTES)
-		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&fr_fanout_events, &ev, sizeof(ev), flags))
+	if (bpf_ringbuf_output(&fr_fanout_events, &ev, sizeof(ev), c->rb_flags))
 		count(FR_FC_RINGBUF_FULL);
-	count(FR_FC_COPIES);
+	c->copies++;
 }
 
 static long fanout_one(__u32 i, void *data)
@@ -254,7 +258,10 @@ int fr_udp_fanout(struct __sk_buff *skb)
 	c.ports[1] = p.dport;
 
 	count(FR_FC_FANNED);
+	c.rb_flags = bpf_ringbuf_query(&fr_fanout_events, BPF_RB_AVAIL_DATA) >= FR_WAKEUP_BYTES ?
+		     BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 	bpf_loop(c.count, fanout_one, &c, 0);
+	count_n(FR_FC_COPIES, c.copies);
 	if (!c.last_ifindex)
 		return TC_ACT_SHOT;
 	return bpf_redirect(c.last_ifindex, 0);

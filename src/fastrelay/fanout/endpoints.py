@@ -25,13 +25,23 @@ class Endpoint:
 
 
 def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
-    """Parse HOST:PORT with a literal IPv4/IPv6 address; ValueError with a clear message otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or (":" in host and not host.startswith("[")):
-        if default_port is None or ":" in text and not text.startswith("["):
-            raise ValueError(f"{text!r}: expected ADDRESS:PORT (IPv6 as [ADDR]:PORT)")
-        host, port = text, str(default_port)
-    host = host.strip("[]")
+    """Parse ADDR:PORT or [IPV6]:PORT (bare ADDR too when `default_port` is given).
+
+    ValueError with a message naming the input otherwise."""
+    usage = f"{text!r}: expected ADDRESS:PORT (IPv6 as [ADDR]:PORT)"
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(usage)
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None  # bare IPv4, or bare IPv6 (ambiguous with a port: needs brackets)
+    if port is None:
+        if default_port is None:
+            raise ValueError(usage)
+        port = str(default_port)
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:

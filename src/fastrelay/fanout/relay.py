@@ -18,7 +18,7 @@ from .endpoints import Endpoint, parse_endpoint
 log = logging.getLogger("fastrelay.fanout")
 
 RECV_BATCH = 256
-KERNEL_TICK_S = 0.01  # ring-buffer records are consumed at least this often
+KERNEL_TICK_S = 0.05  # records are consumed at least this often (and whenever 256 KiB wait)
 IDLE_TICK_S = 0.5
 
 
@@ -36,7 +36,8 @@ class FanoutRelay:
     """Receives datagrams on `listen` and copies each to every subscriber."""
 
     def __init__(self, listen: Endpoint, datapath: str = "kernel", *, control: str | None = None,
-                 interfaces: list[str] | None = None, source: str | None = None) -> None:
+                 interfaces: list[str] | None = None, source: str | None = None,
+                 neighbour_refresh: float = 5.0) -> None:
         if datapath not in ("kernel", "userspace"):
             raise ValueError(f"unknown data path {datapath!r} (kernel or userspace)")
         if source is not None and parse_endpoint(source, 1).family != listen.family:
@@ -50,7 +51,8 @@ class FanoutRelay:
         self.source = source and parse_endpoint(source, 1).ip
         self.datapath: Datapath
         if datapath == "kernel":
-            self.datapath = KernelDatapath(self.sock, listen, interfaces_for(listen, interfaces), self.source)
+            self.datapath = KernelDatapath(self.sock, listen, interfaces_for(listen, interfaces), self.source,
+                                           neighbour_refresh)
         else:
             self.datapath = UserspaceDatapath(self.sock)
         self._ids = itertools.count(1)
@@ -151,9 +153,8 @@ class FanoutRelay:
                         conn = self.control.accept()
                         if conn:
                             sel.register(conn, selectors.EVENT_READ, "conn")
-                    elif key.data == "conn":
-                        if not self.control.on_readable(key.fileobj):
-                            sel.unregister(key.fileobj)
+                    elif key.data == "conn" and not self.control.on_readable(key.fileobj):
+                        sel.unregister(key.fileobj)
                 now = time.monotonic()
                 if now >= next_poll:
                     self.datapath.poll()

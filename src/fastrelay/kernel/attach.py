@@ -11,6 +11,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
+from typing import Self
 
 from pyroute2 import IPRoute
 
@@ -73,11 +74,12 @@ def remove_stale(ifindex: int, direction: Direction | str) -> int:
     hook = _hook(ifindex, direction)
     removed = 0
     for name in our_program_names():
-        opts = _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)
-        if lib.bpf_tc_query(hook, opts) == 0:
-            if lib.bpf_tc_detach(hook, _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)) == 0:
-                removed += 1
-                log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
+        def opts(name: str = name) -> BpfTcOpts:  # fresh each call: query fills in prog_id, detach wants 0
+            return _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)
+
+        if lib.bpf_tc_query(hook, opts()) == 0 and lib.bpf_tc_detach(hook, opts()) == 0:
+            removed += 1
+            log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
     return removed
 
 
@@ -136,7 +138,7 @@ class TcLink:
         if ret < 0 and ret not in (-errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
             log.warning("detaching %s from ifindex %d: %s", self.prog_name, self.ifindex, os.strerror(-ret))
 
-    def __enter__(self) -> TcLink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ import platform
 
 log = logging.getLogger("fastrelay.libbpf")
 
-c_int, c_uint, c_char_p, c_void_p, c_size_t = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
+c_int, c_char_p, c_void_p, c_size_t = ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t
 c_uint32, c_uint64 = ctypes.c_uint32, ctypes.c_uint64
 
 # enum bpf_attach_type values that the 6.1 UAPI headers on this distribution lack

@@ -6,16 +6,13 @@ import ctypes
 import errno
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Self
 
 from . import build, privileges
 from .btf import KIND_STRUCT, Btf, check_layout
 from .errors import LoadError
 from .libbpf import BPF_ANY, check, check_ptr, lib
 from .ringbuf import RingBuffer
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 5, 6, 10
 _PERCPU = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
@@ -35,7 +32,7 @@ class Program:
         return lib.bpf_program__fd(self._h)
 
 
-class Map(Generic[K, V]):
+class Map[K, V]:
     """A map whose key/value ctypes were checked against BTF. Per-CPU lookups return one value per CPU."""
 
     def __init__(self, handle: int, key: type, value: type) -> None:
@@ -135,7 +132,7 @@ class BpfObject:
     def program(self, name: str) -> Program:
         return Program(check_ptr(lib.bpf_object__find_program_by_name(self._obj, name.encode()), f"program {name}"))
 
-    def map(self, name: str, key: type[K], value: type[V]) -> Map[K, V]:
+    def map[K, V](self, name: str, key: type[K], value: type[V]) -> Map[K, V]:
         """A map with its key/value layouts checked against BTF (LayoutError names the field)."""
         h = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
         for what, tid, ctype in (
@@ -166,7 +163,7 @@ class BpfObject:
             lib.bpf_object__close(self._obj)
             self._obj = 0
 
-    def __enter__(self) -> BpfObject:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

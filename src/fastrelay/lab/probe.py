@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import socket
 from dataclasses import dataclass
+from typing import Self
 
 from ..kernel import abi
 from ..kernel.attach import TcLink
@@ -63,7 +64,7 @@ class Delays:
 
     def __add__(self, other: Delays) -> Delays:
         return Delays(self.packets + other.packets, self.bytes + other.bytes, self.matched + other.matched,
-                      max(self.max_ns, other.max_ns), [a + b for a, b in zip(self.buckets, other.buckets)])
+                      max(self.max_ns, other.max_ns), [a + b for a, b in zip(self.buckets, other.buckets, strict=True)])
 
 
 def _mac_key(mac: str) -> abi.ProbeMac:
@@ -128,7 +129,7 @@ class DelayProbe:
         self.links = []
         self.obj.close()
 
-    def __enter__(self) -> DelayProbe:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

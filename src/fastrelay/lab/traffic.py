@@ -264,7 +264,7 @@ class UdpSource:
             n = min(due, _RING - j) if total is None else min(due, _RING - j, total - m)
             first = m * segments
             end = min((m + n) * segments, last_datagram)
-            for offset, seq in zip(seq_offsets[j * segments :], range(first, end)):
+            for offset, seq in zip(seq_offsets[j * segments :], range(first, end), strict=False):
                 pack(ring, offset, seq)
             if m + n == total:
                 iovs[j + n - 1].iov_len = (end - (total - 1) * segments) * size
