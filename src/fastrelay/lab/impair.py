@@ -18,7 +18,10 @@ class ImpairmentUnavailable(RuntimeError):
 
 
 class RandomLoss:
-    """Drop packets on (netns, ifname, direction) with probability `p`."""
+    """Drop data packets on (netns, ifname, direction) with probability `p`.
+
+    Neighbour discovery (ARP, ICMPv6 ND) is spared, so loss never stalls address resolution.
+    """
 
     def __init__(self, netns: str, ifname: str, p: float, direction: str = "ingress") -> None:
         if not 0.0 <= p <= 1.0:

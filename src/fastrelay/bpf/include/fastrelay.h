@@ -125,7 +125,7 @@ struct fr_drop_config {
 };
 
 enum fr_drop_counter {
-	FR_DC_SEEN = 0,
+	FR_DC_SEEN = 0,              /* data packets (neighbour discovery passes uncounted) */
 	FR_DC_DROPPED,
 	FR_DC_MAX,
 };
