@@ -85,6 +85,8 @@ def _lab(args: argparse.Namespace) -> int:
         print(f"lab {args.name}: relay namespace {lab.relay_ns}, publisher {lab.publisher.netns} "
               f"({lab.publisher.ipv4} -> {lab.publisher.relay_ipv4}), {len(lab.subscribers)} subscribers "
               f"({', '.join(s.ipv4 for s in lab.subscribers[:4])}{' ...' if len(lab.subscribers) > 4 else ''})")
+    elif args.action == "impair":
+        _impair(args)
     elif args.action == "down":
         removed = topology.destroy(args.name)
         print(f"removed {len(removed)} namespaces" if removed else f"no lab named {args.name}")
@@ -95,6 +97,44 @@ def _lab(args: argparse.Namespace) -> int:
         if not labs:
             print("no labs")
     return 0
+
+
+def _impair(args: argparse.Namespace) -> None:
+    """Apply impairments to one lab link; they outlive this command until --clear or `lab down`."""
+    from .lab import impair, topology
+
+    if args.sub is None:
+        raise ValueError("lab impair needs --sub I (a subscriber link) or --sub pub (the publisher link)")
+    labs = topology.list_labs()
+    if args.name not in labs:
+        raise ValueError(f"no lab named {args.name} (fastrelay lab up --name {args.name})")
+    n_subs = sum(1 for ns in labs[args.name] if ns.startswith(f"fr-{args.name}-s"))
+    lab = topology.Lab(args.name, n_subs)
+    if args.sub == "pub":
+        link, shaped = lab.publisher, (lab.publisher.netns, lab.publisher.ifname)  # publisher -> relay
+    elif args.sub.isdigit() and int(args.sub) < n_subs:
+        link = lab.subscribers[int(args.sub)]
+        shaped = (lab.relay_ns, link.relay_ifname)  # relay -> subscriber
+    else:
+        raise ValueError(f"--sub must be pub or 0..{n_subs - 1}")
+    # loss acts where packets arrive: the relay for the publisher link, the subscriber otherwise
+    lossy = (lab.relay_ns, link.relay_ifname) if args.sub == "pub" else (link.netns, link.ifname)
+    pin = f"{topology.pin_dir(args.name)}/loss-{args.sub}"
+    if args.clear:
+        impair.clear_loss(*lossy, pin)
+        impair.clear(*shaped)
+        print(f"link {args.sub}: impairments cleared")
+        return
+    if args.loss is not None:
+        impair.clear_loss(*lossy, pin)
+        impair.RandomLoss(*lossy, args.loss).persist(pin)
+    if args.rate and args.delay:
+        raise ValueError("--rate and --delay are separate root qdiscs here: pick one")
+    if args.rate:
+        impair.rate_limit(*shaped, args.rate)
+    if args.delay:
+        impair.delay(*shaped, args.delay)
+    print(f"link {args.sub}: loss {args.loss or 0:.1%}, rate {args.rate or '-'}, delay {args.delay or '-'} ms")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -138,9 +178,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_fanout_ctl)
 
     lab = sub.add_parser("lab", help="network-namespace testbed")
-    lab.add_argument("action", choices=("up", "down", "status"))
+    lab.add_argument("action", choices=("up", "down", "status", "impair"))
     lab.add_argument("--name", default="lab")
     lab.add_argument("--subscribers", type=int, default=4)
+    lab.add_argument("--sub", metavar="I|pub", help="impair: which link (subscriber index, or pub)")
+    lab.add_argument("--loss", type=float, metavar="P", help="impair: random loss probability 0..1 (BPF)")
+    lab.add_argument("--rate", metavar="RATE", help="impair: TBF rate limit, e.g. 5mbit")
+    lab.add_argument("--delay", type=float, metavar="MS", help="impair: netem delay (kernels with netem)")
+    lab.add_argument("--clear", action="store_true", help="impair: remove this link's impairments")
     lab.set_defaults(fn=_lab)
 
     be = sub.add_parser("bench", help="benchmarks (kernel vs userspace, one run)")

@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -82,3 +83,48 @@ def test_netem_delay_or_a_clear_error(lab):
         assert "netem" in str(exc)
     else:
         impair.clear(lab.publisher.netns, lab.publisher.ifname)
+
+
+def test_cli_impairments_outlive_the_command_until_cleared():
+    import os
+    import sys
+
+    from fastrelay.kernel.stats import leftovers
+    from fastrelay.lab.topology import pin_dir
+
+    def cli(*args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "fastrelay", "lab", *args, "--name", "tl"],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def relay_to_sub(lab: Lab) -> int:
+        sub = lab.subscribers[0]
+        with entered(sub.netns):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind((sub.ipv4, 7001))
+        with entered(lab.relay_ns):
+            src = UdpSource((sub.ipv4, 7001), rate=5000, count=200, size=200)
+        with UdpSink([rx]) as sink, src:
+            src.run()
+            got = len(sink.collect(expected=200, timeout=0.5)[0].seqs)
+        rx.close()
+        return got
+
+    cli("up", "--subscribers", "1")
+    try:
+        lab = Lab("tl", 1)
+        assert relay_to_sub(lab) == 200
+        cli("impair", "--sub", "0", "--loss", "1.0")
+        assert os.path.exists(f"{pin_dir('tl')}/loss-0")
+        assert relay_to_sub(lab) == 0
+        cli("impair", "--sub", "0", "--clear")
+        assert relay_to_sub(lab) == 200
+        cli("impair", "--sub", "0", "--loss", "0.5")
+    finally:
+        cli("down")
+    assert not os.path.exists(pin_dir("tl"))
+    deadline = time.monotonic() + 5
+    while any(leftovers().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(leftovers().values())

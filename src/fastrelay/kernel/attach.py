@@ -124,6 +124,18 @@ class TcLink:
             raise AttachError(f"clsact attach of {prog_name} to ifindex {ifindex}: {os.strerror(-ret)}")
         self.attached = True
 
+    def persist(self, pin_path: str) -> None:
+        """Keep the attachment after this process exits: pin a tcx link at `pin_path` (a clsact
+        filter persists by itself). Removing the pin (or the interface) detaches it later."""
+        if self.mode == "tcx":
+            os.makedirs(os.path.dirname(pin_path), exist_ok=True)
+            ret = lib.bpf_obj_pin(self._link_fd, pin_path.encode())
+            if ret < 0:
+                raise AttachError(f"pinning {self.prog_name} at {pin_path}: {os.strerror(-ret)}")
+            os.close(self._link_fd)
+            self._link_fd = -1
+        self.attached = False  # no longer ours to detach
+
     def detach(self) -> None:
         """Remove the attachment (idempotent; a vanished interface counts as detached)."""
         if not self.attached:

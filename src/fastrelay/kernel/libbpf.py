@@ -77,6 +77,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
+    "bpf_obj_pin": (c_int, [c_int, c_char_p]),
     "bpf_tc_hook_create": (c_int, [ctypes.POINTER(BpfTcHook)]),
     "bpf_tc_hook_destroy": (c_int, [ctypes.POINTER(BpfTcHook)]),
     "bpf_tc_attach": (c_int, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),

@@ -4,11 +4,12 @@ rate limiting (TBF) and delay (netem, where the kernel has it)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import subprocess
 
 from ..kernel import abi
-from ..kernel.attach import TcLink
+from ..kernel.attach import TcLink, remove_stale
 from ..kernel.objects import BpfObject
 from ..netns import entered, exec_argv
 
@@ -40,6 +41,11 @@ class RandomLoss:
             self.obj.close()
             raise
 
+    def persist(self, pin_path: str) -> None:
+        """Keep dropping after this process exits (see TcLink.persist); undo with clear_loss()."""
+        self.link.persist(pin_path)
+        self.obj.close()
+
     def counters(self) -> dict[str, int]:
         values = self._stats.sum_counters()
         return {name: values[i] for i, name in self._names.items()}
@@ -47,6 +53,14 @@ class RandomLoss:
     def close(self) -> None:
         self.link.detach()
         self.obj.close()
+
+
+def clear_loss(netns: str, ifname: str, pin_path: str, direction: str = "ingress") -> None:
+    """Remove a persisted RandomLoss: its pin (tcx) or its clsact filter."""
+    if os.path.exists(pin_path):
+        os.unlink(pin_path)
+    with entered(netns):
+        remove_stale(socket.if_nametoindex(ifname), direction)
 
 
 def _tc(netns: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ The relay namespace does not forward: the relay is an application, not a router.
 
 import ipaddress
 import re
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pyroute2 import IPRoute, NetNS, NlEthtool
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from fastrelay.kernel.stats import PIN_ROOT
 from fastrelay.netns import entered
 
 MAX_SUBSCRIBERS = 56 * 256 - 1  # link numbers must keep 10.{200 + k // 256} below 10.256
@@ -139,7 +141,13 @@ def destroy(name: str) -> list[str]:
     removed = list_labs().get(_check_name(name), [])
     for ns in removed:
         pyroute2_netns.remove(ns)
+    shutil.rmtree(pin_dir(name), ignore_errors=True)  # impairments persisted by `fastrelay lab impair`
     return removed
+
+
+def pin_dir(name: str) -> str:
+    """Where a lab's persisted BPF objects are pinned (bpffs)."""
+    return f"{PIN_ROOT}/lab-{name}"
 
 
 class Lab:
