@@ -270,3 +270,31 @@ def test_bad_arguments_get_one_clear_line(args, message):
 
 def test_usage_errors_exit_2():
     assert run_cli("udp-fanout", "--listen", "127.0.0.1:5000", "--datapath", "bogus").returncode == 2
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_a_vanishing_subscriber_does_not_disturb_the_others(root, sub_sockets, datapath):
+    from pyroute2 import netns as pr_netns
+
+    from fastrelay.lab.traffic import UdpSink
+
+    with Lab("tv", 3) as lab:
+        socks = sub_sockets(lab, n=2)  # subscriber 2 has no socket: its namespace is about to vanish
+        subs = [addr(s, False) for s in lab.subscribers]
+        with running_relay(lab, datapath, subs, extra=["--neighbour-refresh", "0.2"]) as relay, \
+                UdpSink(socks) as sink:
+            sender = Sender(source(lab, rate=5000, count=10000, size=400))
+            sink.collect(timeout=0.5)
+            pr_netns.remove(lab.subscribers[2].netns)  # its veth, and the relay's end, go with it
+            sender.join()
+            stats = sink.collect(expected=10000, timeout=2)
+            st = relay.call("stats")
+            assert relay.proc.poll() is None, "the relay kept running"
+    for s in stats:
+        assert len(s.seqs) == 10000 and s.duplicates == 0 and s.bad == 0
+    gone = st["subscribers"][2]
+    if datapath == "kernel":
+        assert gone["kernel_path"] is False  # dropped from the kernel set once its route vanished
+        assert "kept out of the kernel path" in relay.stderr
+    else:
+        assert gone["send_errors"] > 0

@@ -1,0 +1,1 @@
+"""aioquic adaptations: TLS material, connection glue."""

@@ -1,0 +1,123 @@
+"""aioquic glue: one QuicConnectionProtocol subclass that hands QUIC events to a handler and
+gives it a small, typed way to send. Protocol logic (MoQT) lives in the handler, sans-I/O
+where it can be; this module only moves bytes and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+    StopSendingReceived,
+    StreamDataReceived,
+    StreamReset,
+)
+
+log = logging.getLogger("fastrelay.quic")
+
+MAX_DATAGRAM_FRAME = 65536
+
+
+class LinkHandler(Protocol):
+    """What a QuicLink reports; every method is called from the event loop."""
+
+    def handshake_completed(self, link: QuicLink, alpn: str | None) -> None: ...
+    def stream_data(self, stream_id: int, data: bytes, fin: bool) -> None: ...
+    def stream_reset(self, stream_id: int, code: int) -> None: ...
+    def stop_sending(self, stream_id: int, code: int) -> None: ...
+    def datagram(self, data: bytes) -> None: ...
+    def terminated(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Limits:
+    """Flow-control windows and timeouts offered to the peer."""
+
+    max_data: int = 16 << 20
+    max_stream_data: int = 4 << 20
+    idle_timeout: float = 30.0
+
+
+def configuration(*, client: bool, alpn: list[str], cert: str | None = None, key: str | None = None,
+                  verify: bool = True, limits: Limits | None = None, server_name: str | None = None) -> QuicConfiguration:
+    """A QuicConfiguration for fastrelay endpoints (datagrams enabled)."""
+    limits = limits or Limits()
+    cfg = QuicConfiguration(is_client=client, alpn_protocols=alpn, max_datagram_frame_size=MAX_DATAGRAM_FRAME,
+                            max_data=limits.max_data, max_stream_data=limits.max_stream_data,
+                            idle_timeout=limits.idle_timeout, server_name=server_name)
+    if cert and key:
+        cfg.load_cert_chain(cert, key)
+    if client and not verify:
+        import ssl
+
+        cfg.verify_mode = ssl.CERT_NONE
+    return cfg
+
+
+class QuicLink(QuicConnectionProtocol):
+    """A QUIC connection whose events go to `handler` (set by the factory or later)."""
+
+    def __init__(self, *args: Any, handler_factory: Callable[[QuicLink], LinkHandler] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
+        self.closed = asyncio.get_event_loop().create_future()
+
+    # ---- events in
+    def quic_event_received(self, event: QuicEvent) -> None:
+        h = self.handler
+        if h is None:
+            return
+        if isinstance(event, StreamDataReceived):
+            h.stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, DatagramFrameReceived):
+            h.datagram(event.data)
+        elif isinstance(event, HandshakeCompleted):
+            h.handshake_completed(self, event.alpn_protocol)
+        elif isinstance(event, StreamReset):
+            h.stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, StopSendingReceived):
+            h.stop_sending(event.stream_id, event.error_code)
+        elif isinstance(event, ConnectionTerminated):
+            if not self.closed.done():
+                self.closed.set_result((event.error_code, event.reason_phrase))
+            h.terminated(event.error_code, event.reason_phrase)
+
+    # ---- actions out (each schedules transmission)
+    @property
+    def peer_address(self) -> tuple[str, int] | None:
+        addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
+        return (addr[0], addr[1]) if addr else None
+
+    def open_stream(self, unidirectional: bool) -> int:
+        return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+
+    def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=fin)
+        self.transmit()
+
+    def send_datagram(self, data: bytes) -> None:
+        self._quic.send_datagram_frame(data)
+        self.transmit()
+
+    def reset(self, stream_id: int, code: int) -> None:
+        self._quic.reset_stream(stream_id, code)
+        self.transmit()
+
+    def stop(self, stream_id: int, code: int) -> None:
+        self._quic.stop_stream(stream_id, code)
+        self.transmit()
+
+    def close(self, code: int = 0, reason: str = "") -> None:  # type: ignore[override]
+        self._quic.close(error_code=code, reason_phrase=reason)
+        self.transmit()

@@ -1,0 +1,89 @@
+"""QuicLink over real aioquic on loopback: streams, datagrams, resets, close."""
+
+import asyncio
+
+import pytest
+
+from aioquic.asyncio import connect, serve
+
+from fastrelay.quic.link import QuicLink, configuration
+from fastrelay.quic.tls import self_signed
+
+
+class Recorder:
+    def __init__(self, link):
+        self.link = link
+        self.events = []
+        self.alpn = None
+        self.got = asyncio.Event()
+
+    def handshake_completed(self, link, alpn):
+        self.alpn = alpn
+
+    def stream_data(self, stream_id, data, fin):
+        self.events.append(("stream", stream_id, data, fin))
+        self.got.set()
+
+    def stream_reset(self, stream_id, code):
+        self.events.append(("reset", stream_id, code))
+        self.got.set()
+
+    def stop_sending(self, stream_id, code):
+        self.events.append(("stop", stream_id, code))
+
+    def datagram(self, data):
+        self.events.append(("datagram", data))
+        self.got.set()
+
+    def terminated(self, code, reason):
+        self.events.append(("closed", code, reason))
+        self.got.set()
+
+
+@pytest.fixture
+def tls(tmp_path):
+    cert, key = self_signed(["127.0.0.1", "localhost"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    return str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+
+
+async def wait_for(rec, pred, timeout=3.0):
+    async def loop():
+        while not pred(rec.events):
+            rec.got.clear()
+            await rec.got.wait()
+    await asyncio.wait_for(loop(), timeout)
+
+
+def test_streams_datagrams_reset_and_close(tls):
+    async def main():
+        servers = []
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        server = await serve("127.0.0.1", 0, configuration=cfg,
+                             create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=lambda link: (
+                                 servers.append(Recorder(link)) or servers[-1]), **k))
+        port = server._transport.get_extra_info("sockname")[1]
+        ccfg = configuration(client=True, alpn=["fr-test"], verify=False)
+        async with connect("127.0.0.1", port, configuration=ccfg, create_protocol=QuicLink) as client:
+            rec = Recorder(client)
+            client.handler = rec
+            sid = client.open_stream(unidirectional=False)
+            client.send(sid, b"hello", fin=True)
+            client.send_datagram(b"dgram")
+            uni = client.open_stream(unidirectional=True)
+            client.send(uni, b"partial")
+            client.reset(uni, 7)
+            srv = servers[0]
+            await wait_for(srv, lambda ev: ("stream", sid, b"hello", True) in ev and ("datagram", b"dgram") in ev
+                           and any(e[0] == "reset" and e[1] == uni and e[2] == 7 for e in ev))
+            assert srv.alpn == "fr-test"
+            srv.link.send(sid, b"world", fin=True)
+            await wait_for(rec, lambda ev: ("stream", sid, b"world", True) in ev)
+            assert srv.link.peer_address[0] == "127.0.0.1"
+            client.close(5, "bye")
+            await wait_for(srv, lambda ev: any(e[0] == "closed" for e in ev))
+            assert [e for e in srv.events if e[0] == "closed"][0][1:] == (5, "bye")
+        server.close()
+
+    asyncio.run(main())
