@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from . import netns as nsutil
+from .kernel.features import kernel_version
 
 
 @dataclass
@@ -21,11 +22,6 @@ class Check:
 
     def as_dict(self) -> dict[str, object]:
         return self.__dict__.copy()
-
-
-def _kernel_version() -> tuple[int, int]:
-    major, minor = platform.release().split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _btf_has(kind_name: list[tuple[str, int]]) -> dict[str, bool]:
@@ -90,7 +86,7 @@ def run_checks() -> list[Check]:
     from .kernel import privileges
 
     checks = []
-    ver = _kernel_version()
+    ver = kernel_version()
     checks.append(Check("kernel", ver >= (5, 15), platform.release(), "everything in the kernel", "Linux >= 5.15"))
     lacking = privileges.missing()
     checks.append(Check("privileges", not lacking, "root" if os.geteuid() == 0 else f"missing {lacking}",

@@ -58,43 +58,63 @@ class Resolver:
     def close(self) -> None:
         self._ip.close()
 
-    def _neighbour(self, ifindex: int, ip: str) -> tuple[str, int] | None:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        for n in self._ip.get_neighbours(family=family, ifindex=ifindex):
-            if n.get("NDA_DST") == ip and n.get("NDA_LLADDR"):
-                return n.get("NDA_LLADDR"), n["state"]
-        return None
+    def _tables(self) -> tuple[dict[int, dict], dict[tuple[int, str], tuple[str, int]]]:
+        """One dump each: links by index, neighbours by (ifindex, address)."""
+        links = {link["index"]: link for link in self._ip.get_links()}
+        neigh = {}
+        for n in self._ip.get_neighbours():
+            if n.get("NDA_DST") and n.get("NDA_LLADDR"):
+                neigh[(n["ifindex"], n.get("NDA_DST"))] = (n.get("NDA_LLADDR"), n["state"])
+        return links, neigh
 
-    def resolve(self, ip: str, wait: float = 0.2, revalidate: bool = False) -> NextHop:
-        """Next hop towards `ip`. An unknown neighbour is probed and waited for up to `wait` s;
-        with `revalidate`, a stale one is probed too (without waiting: its old address stays
-        usable and the next look-up sees the answer)."""
+    def _route(self, ip: str) -> tuple[int, str, str]:
+        """(ifindex, next-hop address, source address) towards ip."""
         try:
             route = self._ip.route("get", dst=ip)[0]
         except Exception as exc:  # pyroute2 raises NetlinkError for unreachable destinations
             raise NextHopError(f"no route to {ip}: {exc}") from exc
         ifindex = route.get("RTA_OIF")
-        hop = route.get("RTA_GATEWAY") or ip
         src = route.get("RTA_PREFSRC")
         if src is None:  # IPv6 routes often carry no preferred source: take the interface's
             fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
-            addrs = [a.get("IFA_ADDRESS") for a in self._ip.get_addr(family=fam, index=ifindex)
-                     if a["scope"] == 0]
+            addrs = [a.get("IFA_ADDRESS") for a in self._ip.get_addr(family=fam, index=ifindex) if a["scope"] == 0]
             if not addrs:
                 raise NextHopError(f"no source address on the interface towards {ip}")
             src = addrs[0]
-        link = self._ip.get_links(ifindex)[0]
-        neigh = self._neighbour(ifindex, hop)
-        if neigh is None or not neigh[1] & _USABLE:
-            _poke(hop)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                time.sleep(0.005)
-                neigh = self._neighbour(ifindex, hop)
-                if neigh and neigh[1] & _USABLE:
-                    break
-        elif revalidate and neigh[1] & NUD_STALE:
-            _poke(hop)
-        if neigh is None or not neigh[1] & _USABLE:
-            raise NextHopError(f"{hop} does not answer neighbour discovery on ifindex {ifindex}")
-        return NextHop(ifindex, src, link.get("IFLA_ADDRESS"), neigh[0], link.get("IFLA_MTU"))
+        return ifindex, route.get("RTA_GATEWAY") or ip, src
+
+    def resolve_all(self, ips: list[str], revalidate: bool = False) -> dict[str, NextHop | NextHopError]:
+        """Next hops for many addresses without waiting: unknown neighbours (and, with
+        `revalidate`, stale ones) are probed, and a later call sees the answers."""
+        links, neigh = self._tables()
+        out: dict[str, NextHop | NextHopError] = {}
+        for ip in ips:
+            try:
+                ifindex, hop, src = self._route(ip)
+            except NextHopError as exc:
+                out[ip] = exc
+                continue
+            n = neigh.get((ifindex, hop))
+            if n is None or not n[1] & _USABLE or (revalidate and n[1] & NUD_STALE):
+                _poke(hop)
+            if n is None or not n[1] & _USABLE or ifindex not in links:
+                out[ip] = NextHopError(f"{hop} does not answer neighbour discovery on ifindex {ifindex}")
+                continue
+            link = links[ifindex]
+            out[ip] = NextHop(ifindex, src, link.get("IFLA_ADDRESS"), n[0], link.get("IFLA_MTU"))
+        return out
+
+    def resolve(self, ip: str, wait: float = 0.2) -> NextHop:
+        """Next hop towards one address, waiting up to `wait` s for neighbour discovery."""
+        deadline = time.monotonic() + wait
+        while True:
+            result = self.resolve_all([ip])[ip]
+            if isinstance(result, NextHop):
+                return result
+            if time.monotonic() >= deadline:
+                raise result
+            time.sleep(0.005)
+
+    def local_addresses(self, family: int) -> list[str]:
+        """Every address of this namespace in `family`."""
+        return [a.get("IFA_ADDRESS") for a in self._ip.get_addr(family=family)]

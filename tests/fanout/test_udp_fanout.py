@@ -77,7 +77,7 @@ def contiguous(seqs: set[int]) -> bool:
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_subscribers_added_and_removed_during_traffic(lab, datapath, sub_sockets):
-    n, rate = 15000, 5000
+    n, rate = 30000, 5000  # 6 s of stream: the joins and leaves below need about 3 s, with slack
     socks = sub_sockets(lab)
     from fastrelay.lab.traffic import UdpSink
 
@@ -92,7 +92,8 @@ def test_subscribers_added_and_removed_during_traffic(lab, datapath, sub_sockets
             new = relay.call("add", addr=addr(lab.subscribers[3], False))["id"]
             sink.collect(timeout=0.02)
             relay.call("remove", id=new)
-        sender.join()
+        while sender.is_alive():  # keep reading: an unread socket would overflow
+            sink.collect(timeout=0.2)
         stats = sink.collect(expected=None, timeout=0.5)
         listing = relay.call("list")["subscribers"]
     assert [s["addr"] for s in listing] == [addr(lab.subscribers[i], False) for i in (0, 2)]
@@ -192,7 +193,10 @@ def test_kernel_path_follows_a_subscriber_mac_change(lab, sub_sockets):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(b"hello", (sub.relay_ipv4, 9))
         s.close()
-        time.sleep(0.6)
+        deadline = time.monotonic() + 10
+        while relay.call("list")["subscribers"][0]["next_hop_mac"] != new_mac:
+            assert time.monotonic() < deadline, "the relay never picked up the new MAC"
+            time.sleep(0.05)
         _, after = stream(lab, socks, rate=5000, count=500, size=300)
         st = relay.call("stats")
     subprocess.run(exec_argv(sub.netns, ["ip", "link", "set", "eth0", "address", sub.mac]), check=True)

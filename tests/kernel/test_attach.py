@@ -83,6 +83,22 @@ def test_attach_takes_effect_and_detach_removes_it(lab, mode):
     assert not any(wait_no_leftovers().values())
 
 
+def test_a_live_clsact_filter_is_never_taken_over(lab):
+    with BpfObject.load("lab_dropper") as obj, BpfObject.load("lab_probe") as probe:
+        drop, other = obj.program("fr_lab_drop"), probe.program("fr_probe_rx")
+        with entered(lab.relay_ns):
+            idx = socket.if_nametoindex("pub0")
+            first = TcLink(drop.fd, drop.name, idx, "ingress", mode="clsact")
+            with pytest.raises(Exception, match=r"already attached .* by a running process"):
+                TcLink(drop.fd, drop.name, idx, "ingress", mode="clsact")
+            neighbour = TcLink(other.fd, other.name, idx, "ingress", mode="clsact")  # another program: fine
+            assert remove_stale(idx, "ingress") == 0  # both have a live owner
+            assert "fr_lab_drop" in tc_filters(lab) and "fr_probe_rx" in tc_filters(lab)
+            neighbour.detach()
+            first.detach()
+        assert "fr_lab_drop" not in tc_filters(lab)
+
+
 def test_unknown_mode_is_an_error(lab):
     with BpfObject.load("lab_dropper") as obj, pytest.raises(Exception, match="unknown TC attach mode"):
         TcLink(obj.program("fr_lab_drop").fd, "fr_lab_drop", 1, "ingress", mode="bogus")

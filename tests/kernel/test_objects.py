@@ -86,7 +86,7 @@ class WidePortConfig(ctypes.Structure):
 
 
 class SwappedSet(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+    _fields_ = [("count", ctypes.c_uint32), ("pad", ctypes.c_uint32),
                 ("subs", SwappedSub * abi.FR_MAX_SUBSCRIBERS)]
 
 

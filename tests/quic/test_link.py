@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-
 from aioquic.asyncio import connect, serve
 
 from fastrelay.quic.link import QuicLink, configuration
@@ -83,7 +82,7 @@ def test_streams_datagrams_reset_and_close(tls):
             assert srv.link.peer_address[0] == "127.0.0.1"
             client.close(5, "bye")
             await wait_for(srv, lambda ev: any(e[0] == "closed" for e in ev))
-            assert [e for e in srv.events if e[0] == "closed"][0][1:] == (5, "bye")
+            assert next(e for e in srv.events if e[0] == "closed")[1:] == (5, "bye")
         server.close()
 
     asyncio.run(main())

@@ -64,11 +64,11 @@ int fr_lab_drop(struct __sk_buff *skb)
 	struct fr_drop_config *cfg = bpf_map_lookup_elem(&fr_drop_cfg, &zero);
 
 	if (is_neighbour_discovery(skb))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	count(FR_DC_SEEN);
 	if (cfg && bpf_get_prandom_u32() < cfg->threshold) {
 		count(FR_DC_DROPPED);
 		return TC_ACT_SHOT;
 	}
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }

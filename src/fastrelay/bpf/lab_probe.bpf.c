@@ -94,14 +94,14 @@ int fr_probe_tx(struct __sk_buff *skb)
 	__u32 idx;
 
 	if (read_tag(skb, &p, &tag))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	idx = tag.seq & (FR_PROBE_TS_SLOTS - 1);
 	slot = bpf_map_lookup_elem(&fr_probe_ts, &idx);
 	if (slot) {
 		slot->ts_ns = bpf_ktime_get_ns();
 		slot->seq = tag.seq;
 	}
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 SEC("tc")
@@ -117,15 +117,15 @@ int fr_probe_rx(struct __sk_buff *skb)
 	__u32 zero = 0, idx, *slot;
 
 	if (read_tag(skb, &p, &tag))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, 0, mac.addr, sizeof(mac.addr)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	slot = bpf_map_lookup_elem(&fr_probe_slots, &mac);
 	if (!slot)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	h = bpf_map_lookup_elem(&fr_probe_hist, slot);
 	if (!h)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	h->packets++;
 	h->bytes += p.l3_len;
 
@@ -142,5 +142,5 @@ int fr_probe_rx(struct __sk_buff *skb)
 			h->max_ns = d;
 	}
 	cfg = bpf_map_lookup_elem(&fr_probe_cfg, &zero);
-	return cfg && cfg->sink ? TC_ACT_SHOT : TC_ACT_OK;
+	return cfg && cfg->sink ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }

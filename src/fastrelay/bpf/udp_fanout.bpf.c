@@ -40,6 +40,28 @@ struct {
 } fr_fanout_active SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct fr_addr);
+	__type(value, __u8);
+} fr_fanout_local SEC(".maps");
+
+/* Never read by the program: userspace updates it only to wait for an RCU grace period. */
+struct fr_sync_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fr_fanout_sync_inner SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct fr_sync_inner);
+} fr_fanout_sync SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, FR_FC_MAX);
 	__type(key, __u32);
@@ -53,6 +75,9 @@ struct {
 
 /* Ring-buffer records are consumed on a timer; wake the reader only when this much waits. */
 #define FR_WAKEUP_BYTES (256 * 1024)
+/* Copies leave as the relay's own packets would: with a fresh TTL / hop limit. */
+#define FR_TTL 64
+#define FR_PACKET_HOST 0
 
 static __always_inline void count_n(__u32 idx, __u64 n)
 {
@@ -79,6 +104,7 @@ struct fanout_ctx {
 	__u16 l3_len;
 	__u8 family;
 	__u8 v4_csum;                /* IPv4 UDP checksum present (non-zero) */
+	__u32 csum_v6_flags;
 	/* header values currently in the packet (the previous subscriber's) */
 	__u8 addrs[32];              /* saddr, daddr (IPv4: first 4 bytes of each) */
 	__be16 ports[2];             /* sport, dport */
@@ -91,7 +117,8 @@ static __always_inline int rewrite(struct fanout_ctx *c, struct fr_fanout_sub *s
 	__u8 macs[12];
 	__be16 ports[2] = { s->src_port, s->dst_port };
 	__u32 udp_csum = c->l4_off + offsetof(struct udphdr, check);
-	__u64 l4_flags = c->family == FR_AF_INET ? BPF_F_MARK_MANGLED_0 : 0;
+	/* never write 0 (IPv6: invalid; IPv4: "no checksum"): a zero result goes out as 0xffff */
+	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
 	__s64 diff;
 
 	__builtin_memcpy(macs, s->dst_mac, 6);
@@ -126,7 +153,7 @@ static __always_inline int rewrite(struct fanout_ctx *c, struct fr_fanout_sub *s
 		diff = bpf_csum_diff((__be32 *)c->addrs, sizeof(new), (__be32 *)new, sizeof(new), 0);
 		if (diff < 0)
 			return -1;
-		if (bpf_l4_csum_replace(skb, udp_csum, 0, diff, BPF_F_PSEUDO_HDR))
+		if (bpf_l4_csum_replace(skb, udp_csum, 0, diff, BPF_F_PSEUDO_HDR | l4_flags | c->csum_v6_flags))
 			return -1;
 		if (bpf_skb_store_bytes(skb, c->l3_off + offsetof(struct ipv6hdr, saddr), new, sizeof(new), 0))
 			return -1;
@@ -179,6 +206,40 @@ static long fanout_one(__u32 i, void *data)
 	return 0;
 }
 
+/* Is this datagram addressed to the relay (port, family and destination address)? */
+static __always_inline int to_relay(struct fr_fanout_config *cfg, struct fr_udp_pkt *p)
+{
+	if (p->family != cfg->family)
+		return 0;
+	if (cfg->dst_any)
+		return bpf_map_lookup_elem(&fr_fanout_local, p->daddr) != NULL;
+	return !__builtin_memcmp(p->daddr, cfg->dst_addr, 16);
+}
+
+/* Reset TTL / hop limit once, before the copies are made (they all share it). */
+static __always_inline int fresh_ttl(struct __sk_buff *skb, struct fr_udp_pkt *p)
+{
+	__u8 ttl = FR_TTL;
+
+	if (p->family == FR_AF_INET) {
+		__be16 old, new;
+
+		if (bpf_skb_load_bytes(skb, p->l3_off + offsetof(struct iphdr, ttl), &old, 2))
+			return -1;
+		new = old;
+		*(__u8 *)&new = ttl;     /* ttl is the first byte of the (ttl, protocol) word */
+		if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old, new, 2))
+			return -1;
+		return bpf_skb_store_bytes(skb, p->l3_off + offsetof(struct iphdr, ttl), &ttl, 1, 0);
+	}
+	return bpf_skb_store_bytes(skb, p->l3_off + offsetof(struct ipv6hdr, hop_limit), &ttl, 1,
+				   BPF_F_RECOMPUTE_CSUM);
+}
+
+/*
+ * Returns TC_ACT_UNSPEC (next program / the stack) for everything that is not ours or
+ * that userspace must handle, TC_ACT_SHOT for what is dropped, and a redirect for copies.
+ */
 SEC("tc")
 int fr_udp_fanout(struct __sk_buff *skb)
 {
@@ -188,37 +249,37 @@ int fr_udp_fanout(struct __sk_buff *skb)
 	__u32 zero = 0, *active;
 
 	cfg = bpf_map_lookup_elem(&fr_fanout_cfg, &zero);
-	if (!cfg || !cfg->port)
-		return TC_ACT_OK;
+	if (!cfg || !cfg->port || skb->pkt_type != FR_PACKET_HOST)
+		return TC_ACT_UNSPEC;
 
 	switch (fr_parse_udp(skb, &p)) {
 	case FR_PARSE_OTHER:
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	case FR_PARSE_MALFORMED:
-		/* only our port's traffic is judged; the stack handles the rest */
-		if (p.dport != cfg->port || p.family != cfg->family)
-			return TC_ACT_OK;
+		/* only the relay's traffic is judged; the stack handles the rest */
+		if (p.dport != cfg->port || !to_relay(cfg, &p))
+			return TC_ACT_UNSPEC;
 		count(FR_FC_RX);
 		count(FR_FC_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	case FR_PARSE_IRREGULAR:
-		if (p.dport == cfg->port && p.family == cfg->family) {
+		if (p.dport == cfg->port && to_relay(cfg, &p)) {
 			count(FR_FC_RX);
 			count(FR_FC_PASS_IRREGULAR);
 		}
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	case FR_PARSE_OK:
 		break;
 	}
-	if (p.family != cfg->family)
-		return TC_ACT_OK;
+	if (!to_relay(cfg, &p))
+		return TC_ACT_UNSPEC;
 	if (p.fragment) {
 		/* the port is only in the first fragment: let the stack reassemble */
 		count(FR_FC_PASS_FRAGMENT);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (p.dport != cfg->port)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	count(FR_FC_RX);
 
 	if (cfg->src_filter && __builtin_memcmp(p.saddr, cfg->src_addr, 16)) {
@@ -227,22 +288,26 @@ int fr_udp_fanout(struct __sk_buff *skb)
 	}
 	if (skb->gso_segs > 1 || skb->gso_size) {
 		count(FR_FC_PASS_GSO);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (p.l3_len > cfg->max_len) {
 		count(FR_FC_PASS_OVERSIZE);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	active = bpf_map_lookup_elem(&fr_fanout_active, &zero);
 	if (!active)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	c.set = bpf_map_lookup_elem(&fr_fanout_sets, active);
 	if (!c.set)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	c.count = c.set->count;
 	if (c.count == 0 || c.count > FR_MAX_SUBSCRIBERS) {
 		count(FR_FC_DROP_NO_SUBS);
+		return TC_ACT_SHOT;
+	}
+	if (fresh_ttl(skb, &p)) {
+		count(FR_FC_REDIRECT_ERR);
 		return TC_ACT_SHOT;
 	}
 
@@ -252,6 +317,7 @@ int fr_udp_fanout(struct __sk_buff *skb)
 	c.l4_off = p.l4_off;
 	c.l3_len = p.l3_len;
 	c.v4_csum = p.csum != 0;
+	c.csum_v6_flags = cfg->csum_v6_flags;
 	__builtin_memcpy(c.addrs, p.saddr, 16);
 	__builtin_memcpy(c.addrs + 16, p.daddr, 16);
 	c.ports[0] = p.sport;

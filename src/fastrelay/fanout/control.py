@@ -7,10 +7,13 @@ Requests: {"op": "add", "addr": "10.0.0.2:5000"}, {"op": "remove", "id": 3} (or 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("fastrelay.control")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 MAX_REQUEST = 64 * 1024
@@ -68,14 +71,21 @@ class ControlServer:
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ValueError("expected a JSON object with an 'op'")
             return {"ok": True, **self._handler(req)}
-        except (ValueError, KeyError, TypeError) as exc:
-            return {"ok": False, "error": str(exc)}
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return {"ok": False, "error": str(exc) or type(exc).__name__}
+        except Exception as exc:  # a failing request must not take the relay down
+            log.exception("control request %r failed", line[:200])
+            return {"ok": False, "error": f"internal error: {exc}"}
 
     def _reply(self, conn: socket.socket, obj: dict[str, Any]) -> None:
+        """Send without blocking the relay: a client that does not read its replies is dropped."""
+        data = memoryview(json.dumps(obj).encode() + b"\n")
         try:
-            conn.setblocking(True)
-            conn.sendall(json.dumps(obj).encode() + b"\n")
-            conn.setblocking(False)
+            while data:
+                data = data[conn.send(data):]
+        except BlockingIOError:
+            log.warning("control client does not read its replies; disconnected")
+            conn.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import resource
@@ -10,6 +11,8 @@ import signal
 import socket
 import time
 from typing import Any
+
+from pyroute2 import IPRoute
 
 from .control import ControlServer
 from .datapath import Datapath, KernelDatapath, Subscriber, UserspaceDatapath
@@ -23,13 +26,20 @@ IDLE_TICK_S = 0.5
 
 
 def interfaces_for(listen: Endpoint, names: list[str] | None) -> list[int]:
-    """Ingress interfaces to attach to: the named ones, else every non-loopback interface."""
+    """Ingress interfaces to attach to: the named ones; else the interface owning the listen
+    address; for a wildcard address, every interface but loopback."""
     if names:
         try:
             return [socket.if_nametoindex(n) for n in names]
         except OSError:
             raise ValueError(f"unknown interface in {names}") from None
-    return [idx for idx, name in socket.if_nameindex() if name != "lo"]
+    if ipaddress.ip_address(listen.ip).is_unspecified:
+        return [idx for idx, name in socket.if_nameindex() if name != "lo"]
+    with IPRoute() as ip:
+        owners = sorted({a["index"] for a in ip.get_addr(family=listen.family) if a.get("IFA_ADDRESS") == listen.ip})
+    if not owners:
+        raise ValueError(f"{listen.ip} is not an address of this host")
+    return owners
 
 
 class FanoutRelay:
@@ -43,24 +53,29 @@ class FanoutRelay:
         if source is not None and parse_endpoint(source, 1).family != listen.family:
             raise ValueError("--source must be of the listen address's family")
         self.listen = listen
-        self.sock = socket.socket(listen.family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        self.sock.bind(listen.sockaddr)
-        self.sock.setblocking(False)
         self.source = source and parse_endpoint(source, 1).ip
-        self.datapath: Datapath
-        if datapath == "kernel":
-            self.datapath = KernelDatapath(self.sock, listen, interfaces_for(listen, interfaces), self.source,
-                                           neighbour_refresh)
-        else:
-            self.datapath = UserspaceDatapath(self.sock)
         self._ids = itertools.count(1)
         self.received = 0
         self.dropped_source = 0
         self._buf = bytearray(65536)
         self._stop = False
-        self.control = ControlServer(control, self.handle) if control else None
+        self.control: ControlServer | None = None
+        self.datapath: Datapath | None = None
+        self.sock = socket.socket(listen.family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            self.sock.bind(listen.sockaddr)
+            self.sock.setblocking(False)
+            if datapath == "kernel":
+                self.datapath = KernelDatapath(self.sock, listen, interfaces_for(listen, interfaces), self.source,
+                                               neighbour_refresh)
+            else:
+                self.datapath = UserspaceDatapath(self.sock)
+            self.control = ControlServer(control, self.handle) if control else None
+        except BaseException:
+            self.close()  # nothing of ours stays in the kernel when start-up fails half-way
+            raise
 
     # ---- control
     def add(self, addr: str) -> Subscriber:
@@ -163,8 +178,9 @@ class FanoutRelay:
             sel.close()
 
     def close(self) -> None:
-        """Detach programs, free maps, close sockets."""
+        """Detach programs, free maps, close sockets (safe on a half-built relay)."""
         if self.control:
             self.control.close()
-        self.datapath.close()
+        if self.datapath:
+            self.datapath.close()
         self.sock.close()

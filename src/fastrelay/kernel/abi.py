@@ -25,7 +25,15 @@ class FanoutConfig(ctypes.Structure):
         ("src_filter", u8),
         ("max_len", u32),
         ("src_addr", u8 * 16),
+        ("dst_addr", u8 * 16),
+        ("dst_any", u8),
+        ("pad", u8 * 3),
+        ("csum_v6_flags", u32),
     ]
+
+
+class Addr(ctypes.Structure):
+    _fields_ = [("bytes", u8 * 16)]
 
 
 class FanoutSub(ctypes.Structure):
@@ -42,7 +50,7 @@ class FanoutSub(ctypes.Structure):
 
 
 class FanoutSet(ctypes.Structure):
-    _fields_ = [("count", u32), ("generation", u32), ("subs", FanoutSub * FR_MAX_SUBSCRIBERS)]
+    _fields_ = [("count", u32), ("pad", u32), ("subs", FanoutSub * FR_MAX_SUBSCRIBERS)]
 
 
 class FanoutEvent(ctypes.Structure):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import fcntl
 import logging
 import os
+import socket
 import zlib
 from pathlib import Path
 from typing import Self
@@ -29,6 +31,7 @@ from .libbpf import (
 log = logging.getLogger("fastrelay.attach")
 
 CLSACT_PRIORITY = 0xFA57
+LOCK_DIR = "/run/fastrelay/locks"
 _BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 
@@ -67,26 +70,51 @@ def _has_clsact(ifindex: int) -> bool:
         return any(q.get("TCA_KIND") == "clsact" for q in ip.get_qdiscs(index=ifindex))
 
 
-def remove_stale(ifindex: int, direction: Direction | str) -> int:
-    """Remove clsact filters of ours a crashed run left on this hook; returns how many."""
+def _lock_path(ifindex: int, direction: Direction | str, program: str) -> str:
+    ns = os.stat("/proc/thread-self/ns/net").st_ino
+    return f"{LOCK_DIR}/clsact-{ns}-{ifindex}-{Direction(direction)}-{program}.lock"
+
+
+def _try_lock(path: str) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None if a live process holds it."""
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _tc_opts(program: str) -> BpfTcOpts:  # fresh each call: query fills in prog_id, detach wants 0
+    return _opts(handle=clsact_handle(program), priority=CLSACT_PRIORITY)
+
+
+def remove_stale(ifindex: int, direction: Direction | str, programs: list[str] | None = None) -> int:
+    """Remove clsact filters of ours on this hook that no live process owns (a crashed or
+    killed run's); returns how many. Filters held by a running process are left alone."""
     if not _has_clsact(ifindex):
         return 0
     hook = _hook(ifindex, direction)
     removed = 0
-    for name in our_program_names():
-        def opts(name: str = name) -> BpfTcOpts:  # fresh each call: query fills in prog_id, detach wants 0
-            return _opts(handle=clsact_handle(name), priority=CLSACT_PRIORITY)
-
-        if lib.bpf_tc_query(hook, opts()) == 0 and lib.bpf_tc_detach(hook, opts()) == 0:
-            removed += 1
-            log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
+    for name in programs or our_program_names():
+        if lib.bpf_tc_query(hook, _tc_opts(name)) != 0:
+            continue
+        fd = _try_lock(_lock_path(ifindex, direction, name))
+        if fd is None:
+            continue  # its owner is alive
+        try:
+            if lib.bpf_tc_detach(hook, _tc_opts(name)) == 0:
+                removed += 1
+                log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
+        finally:
+            os.close(fd)
     return removed
 
 
 def sweep() -> int:
-    """Remove every clsact filter of ours in the current network namespace; returns how many."""
-    import socket
-
+    """Remove every ownerless clsact filter of ours in the current network namespace."""
     return sum(remove_stale(idx, d) for idx, _ in socket.if_nameindex() for d in Direction)
 
 
@@ -103,7 +131,8 @@ class TcLink:
         if mode not in ("auto", "tcx", "clsact"):
             raise AttachError(f"unknown TC attach mode {mode!r} (auto, tcx or clsact)")
         self.attached = False
-        remove_stale(ifindex, self.direction)
+        self._lock_fd: int | None = None
+        remove_stale(ifindex, self.direction, [prog_name])  # a killed clsact run's filter would still run
         if mode in ("auto", "tcx"):
             kind = BPF_TCX_INGRESS if self.direction is Direction.INGRESS else BPF_TCX_EGRESS
             fd = lib.bpf_link_create(prog_fd, ifindex, kind, None)
@@ -114,6 +143,11 @@ class TcLink:
                 raise AttachError(f"tcx attach of {prog_name} to ifindex {ifindex}: {os.strerror(-fd)}")
             log.info("tcx unavailable (%s), falling back to clsact", os.strerror(-fd))
         self.mode = "clsact"
+        # clsact filters outlive processes: a lock held for our lifetime says this one is in use
+        self._lock_fd = _try_lock(_lock_path(ifindex, self.direction, prog_name))
+        if self._lock_fd is None:
+            raise AttachError(f"{prog_name} is already attached to ifindex {ifindex} ({self.direction}) "
+                              "by a running process")
         hook = _hook(ifindex, self.direction)
         ret = lib.bpf_tc_hook_create(hook)
         if ret < 0 and ret != -errno.EEXIST:
@@ -121,6 +155,7 @@ class TcLink:
         ret = lib.bpf_tc_attach(hook, _opts(prog_fd=prog_fd, handle=clsact_handle(prog_name),
                                             priority=CLSACT_PRIORITY))
         if ret < 0:
+            self._release_lock()
             raise AttachError(f"clsact attach of {prog_name} to ifindex {ifindex}: {os.strerror(-ret)}")
         self.attached = True
 
@@ -134,7 +169,13 @@ class TcLink:
                 raise AttachError(f"pinning {self.prog_name} at {pin_path}: {os.strerror(-ret)}")
             os.close(self._link_fd)
             self._link_fd = -1
+        self._release_lock()  # a persisted clsact filter has no owner: `fastrelay cleanup` may remove it
         self.attached = False  # no longer ours to detach
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def detach(self) -> None:
         """Remove the attachment (idempotent; a vanished interface counts as detached)."""
@@ -145,8 +186,8 @@ class TcLink:
             os.close(self._link_fd)
             self._link_fd = -1
             return
-        ret = lib.bpf_tc_detach(_hook(self.ifindex, self.direction),
-                                _opts(handle=clsact_handle(self.prog_name), priority=CLSACT_PRIORITY))
+        ret = lib.bpf_tc_detach(_hook(self.ifindex, self.direction), _tc_opts(self.prog_name))
+        self._release_lock()
         if ret < 0 and ret not in (-errno.ENOENT, -errno.ENODEV, -errno.EINVAL):
             log.warning("detaching %s from ifindex %d: %s", self.prog_name, self.ifindex, os.strerror(-ret))
 

@@ -40,6 +40,28 @@ class BpfTcOpts(ctypes.Structure):
     ]
 
 
+class BpfTestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.1)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
 class BtfType(ctypes.Structure):
     """struct btf_type (UAPI): name_off, info, size-or-type."""
 
@@ -79,11 +101,11 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_obj_pin": (c_int, [c_int, c_char_p]),
     "bpf_tc_hook_create": (c_int, [ctypes.POINTER(BpfTcHook)]),
-    "bpf_tc_hook_destroy": (c_int, [ctypes.POINTER(BpfTcHook)]),
     "bpf_tc_attach": (c_int, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
     "bpf_tc_detach": (c_int, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
     "bpf_tc_query": (c_int, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
     "bpf_enable_stats": (c_int, [c_int]),
+    "bpf_prog_test_run_opts": (c_int, [c_int, ctypes.POINTER(BpfTestRunOpts)]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_prog_get_next_id": (c_int, [c_uint32, ctypes.POINTER(c_uint32)]),

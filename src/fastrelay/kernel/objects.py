@@ -10,11 +10,12 @@ from typing import Self
 
 from . import build, privileges
 from .btf import KIND_STRUCT, Btf, check_layout
-from .errors import LoadError
-from .libbpf import BPF_ANY, check, check_ptr, lib
+from .errors import LayoutError, LoadError
+from .libbpf import BPF_ANY, BpfTestRunOpts, check, check_ptr, lib
 from .ringbuf import RingBuffer
 
 BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 5, 6, 10
+BPF_MAP_TYPE_RINGBUF = 27
 _PERCPU = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 VERIFIER_LOG_SIZE = 4 << 20
 LOG_TAIL_LINES = 40
@@ -30,6 +31,17 @@ class Program:
     @property
     def fd(self) -> int:
         return lib.bpf_program__fd(self._h)
+
+    def test_run(self, packet: bytes) -> tuple[int, bytes]:
+        """Run the program once on `packet` (BPF_PROG_TEST_RUN): (return code as signed int,
+        packet as the program left it). Redirects and clones are not carried out."""
+        data_in = ctypes.create_string_buffer(packet, len(packet))
+        data_out = ctypes.create_string_buffer(len(packet) + 512)
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), data_in=ctypes.addressof(data_in),
+                              data_out=ctypes.addressof(data_out), data_size_in=len(packet),
+                              data_size_out=len(data_out), repeat=1)
+        check(lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"test run of {self.name}")
+        return ctypes.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
 
 class Map[K, V]:
@@ -132,21 +144,33 @@ class BpfObject:
     def program(self, name: str) -> Program:
         return Program(check_ptr(lib.bpf_object__find_program_by_name(self._obj, name.encode()), f"program {name}"))
 
+    def _map_handle(self, name: str) -> int:
+        return check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
+
     def map[K, V](self, name: str, key: type[K], value: type[V]) -> Map[K, V]:
-        """A map with its key/value layouts checked against BTF (LayoutError names the field)."""
-        h = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
-        for what, tid, ctype in (
-            ("key", lib.bpf_map__btf_key_type_id(h), key),
-            ("value", lib.bpf_map__btf_value_type_id(h), value),
+        """A map with its key/value layouts checked against BTF (LayoutError names the field);
+        sizes are checked even for maps without BTF types (map-in-map values)."""
+        h = self._map_handle(name)
+        for what, tid, size, ctype in (
+            ("key", lib.bpf_map__btf_key_type_id(h), lib.bpf_map__key_size(h), key),
+            ("value", lib.bpf_map__btf_value_type_id(h), lib.bpf_map__value_size(h), value),
         ):
             if tid:
                 check_layout(self.btf, tid, ctype, f"{name}.{what}")
+            if ctypes.sizeof(ctype) != size:
+                raise LayoutError(f"{name}.{what}: {size} bytes in the map, {ctypes.sizeof(ctype)} in Python")
         return Map(h, key, value)
+
+    def map_fd(self, name: str) -> int:
+        """fd of a map (e.g. to store it in a map-in-map)."""
+        return lib.bpf_map__fd(self._map_handle(name))
 
     def ringbuf(self, name: str, record: type[ctypes.Structure], btf_struct: str) -> RingBuffer:
         """A reader for ring-buffer map `name` whose records are `struct btf_struct` (checked)."""
         self.struct(btf_struct, record)
-        h = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
+        h = self._map_handle(name)
+        if lib.bpf_map__type(h) != BPF_MAP_TYPE_RINGBUF:
+            raise LayoutError(f"{name} is not a ring buffer")
         return RingBuffer(lib.bpf_map__fd(h), lib.bpf_map__max_entries(h), record)
 
     def struct(self, name: str, ctype: type) -> type:

@@ -66,7 +66,7 @@ class Reader:
     """Reads MoQT fields from `data`. Truncation raises NeedMore if `partial`, else a
     PROTOCOL_VIOLATION (a complete message must contain all of its fields)."""
 
-    __slots__ = ("_data", "pos", "_end", "_partial")
+    __slots__ = ("_data", "_end", "_partial", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview, partial: bool = False) -> None:
         self._data = memoryview(data).cast("B") if not isinstance(data, bytes) else data

@@ -49,7 +49,8 @@ class Limits:
 
 
 def configuration(*, client: bool, alpn: list[str], cert: str | None = None, key: str | None = None,
-                  verify: bool = True, limits: Limits | None = None, server_name: str | None = None) -> QuicConfiguration:
+                  verify: bool = True, limits: Limits | None = None,
+                  server_name: str | None = None) -> QuicConfiguration:
     """A QuicConfiguration for fastrelay endpoints (datagrams enabled)."""
     limits = limits or Limits()
     cfg = QuicConfiguration(is_client=client, alpn_protocols=alpn, max_datagram_frame_size=MAX_DATAGRAM_FRAME,

@@ -33,13 +33,22 @@ struct fr_tag {
 };
 
 /* ---------------------------------------------------------------- UDP fan-out */
-/* fr_fanout_cfg[0] */
+/* fr_fanout_cfg[0]. Addresses in network order, IPv4 in the first 4 bytes. */
 struct fr_fanout_config {
 	__be16 port;                 /* relay UDP port; 0 = disabled (everything passes) */
 	__u8 family;                 /* AF_INET or AF_INET6: the relay's (and subscribers') family */
 	__u8 src_filter;             /* 1 = fan out only packets from src_addr */
 	__u32 max_len;               /* largest L3 packet forwarded in the kernel; larger ones go up */
-	__u8 src_addr[16];           /* network order, IPv4 in the first 4 bytes */
+	__u8 src_addr[16];
+	__u8 dst_addr[16];           /* the listen address (unless dst_any) */
+	__u8 dst_any;                /* wildcard listen address: daddr must be in fr_fanout_local */
+	__u8 pad[3];
+	__u32 csum_v6_flags;         /* BPF_F_IPV6 where the kernel has it, else 0 */
+};
+
+/* fr_fanout_local: the relay's own addresses, for a wildcard listen address */
+struct fr_addr {
+	__u8 bytes[16];
 };
 
 /* One subscriber, as the egress rewrite needs it. Addresses and ports in network order. */
@@ -56,11 +65,13 @@ struct fr_fanout_sub {
 
 /*
  * fr_fanout_sets[0..1]: double-buffered subscriber sets. Userspace writes the inactive
- * set whole, then flips fr_fanout_active[0]; a packet reads the active index once.
+ * set whole, flips fr_fanout_active[0], then waits for an RCU grace period (an update of
+ * the map-in-map fr_fanout_sync returns only after every running program finished), so
+ * no packet still reads a set when it is rewritten. A packet reads the active index once.
  */
 struct fr_fanout_set {
 	__u32 count;
-	__u32 generation;
+	__u32 pad;
 	struct fr_fanout_sub subs[FR_MAX_SUBSCRIBERS];
 };
 

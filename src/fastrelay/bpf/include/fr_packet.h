@@ -103,6 +103,8 @@ static __always_inline enum fr_parse_result fr_parse_udp(struct __sk_buff *skb, 
 	/* bytes after the UDP datagram or after the IP packet: the stack trims them */
 	if (p->udp_len != p->l3_len - hdr_len || p->l3_len != wire_l3)
 		return FR_PARSE_IRREGULAR;
+	if (p->family == FR_AF_INET && hdr_len != sizeof(struct iphdr))
+		return FR_PARSE_IRREGULAR;       /* IPv4 options: not ours to copy, the stack decides */
 	return FR_PARSE_OK;
 }
 
