@@ -4,6 +4,7 @@ one of ours is removed before attaching)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -101,7 +102,8 @@ def remove_stale(ifindex: int, direction: Direction | str, programs: list[str] |
     for name in programs or our_program_names():
         if lib.bpf_tc_query(hook, _tc_opts(name)) != 0:
             continue
-        fd = _try_lock(_lock_path(ifindex, direction, name))
+        path = _lock_path(ifindex, direction, name)
+        fd = _try_lock(path)
         if fd is None:
             continue  # its owner is alive
         try:
@@ -109,6 +111,8 @@ def remove_stale(ifindex: int, direction: Direction | str, programs: list[str] |
                 removed += 1
                 log.warning("removed stale clsact filter %s (ifindex %d %s)", name, ifindex, Direction(direction))
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             os.close(fd)
     return removed
 
@@ -144,7 +148,8 @@ class TcLink:
             log.info("tcx unavailable (%s), falling back to clsact", os.strerror(-fd))
         self.mode = "clsact"
         # clsact filters outlive processes: a lock held for our lifetime says this one is in use
-        self._lock_fd = _try_lock(_lock_path(ifindex, self.direction, prog_name))
+        self._lock_path = _lock_path(ifindex, self.direction, prog_name)
+        self._lock_fd = _try_lock(self._lock_path)
         if self._lock_fd is None:
             raise AttachError(f"{prog_name} is already attached to ifindex {ifindex} ({self.direction}) "
                               "by a running process")
@@ -174,6 +179,8 @@ class TcLink:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path)  # still holding it: nobody else can own this path now
             os.close(self._lock_fd)
             self._lock_fd = None
 

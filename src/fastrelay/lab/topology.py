@@ -8,7 +8,9 @@ the relay side is ``.1`` / ``::1``, the endpoint side ``.2`` / ``::2``
 The relay namespace does not forward: the relay is an application, not a router.
 """
 
+import contextlib
 import ipaddress
+import os
 import re
 import shutil
 import socket
@@ -142,6 +144,8 @@ def destroy(name: str) -> list[str]:
     for ns in removed:
         pyroute2_netns.remove(ns)
     shutil.rmtree(pin_dir(name), ignore_errors=True)  # impairments persisted by `fastrelay lab impair`
+    with contextlib.suppress(OSError):
+        os.rmdir(PIN_ROOT)  # only when no other lab keeps pins there
     return removed
 
 
