@@ -1,0 +1,340 @@
+"""MoQT session state machine (sans-I/O over a small transport interface).
+
+The session owns the control stream (setup, request IDs, MAX_REQUEST_ID), parses every
+incoming data stream and datagram, and reports what happened through one callback of
+small event dataclasses. It never blocks and knows no sockets: the transport is anything
+with open_stream/send/send_datagram/reset/stop/close (QuicLink, or an in-memory pair in
+tests), the way aioquic's H3Connection sits on a QuicConnection.
+
+Any violation by the peer closes the session with the draft's error code and one log
+line; nothing else in the process is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import messages as m
+from .data import (
+    DataStreamParser,
+    FetchHeader,
+    MalformedTrack,
+    Object,
+    ObjectDatagram,
+    ObjectTooLarge,
+    SubgroupHeader,
+    decode_datagram,
+    encode_datagram,
+    encode_subgroup_header,
+    encode_subgroup_object,
+)
+from .params import SetupParams, Version
+from .wire import ErrorCode, ProtocolError, violation
+
+log = logging.getLogger("fastrelay.moq")
+
+# requests that consume a Request ID (draft-16 section 9.1)
+NEW_REQUESTS = (m.Subscribe, m.Fetch, m.RequestUpdate, m.SubscribeNamespace, m.Publish, m.PublishNamespace,
+                m.TrackStatus)
+STREAM_RESET_CANCELLED = 0x1  # data stream reset: the subscription or stream was cancelled
+
+
+class Transport(Protocol):
+    def open_stream(self, unidirectional: bool) -> int: ...
+    def send(self, stream_id: int, data: bytes, fin: bool = False) -> None: ...
+    def send_datagram(self, data: bytes) -> None: ...
+    def reset(self, stream_id: int, code: int) -> None: ...
+    def stop(self, stream_id: int, code: int) -> None: ...
+    def close(self, code: int = 0, reason: str = "") -> None: ...
+
+
+# ---- events
+@dataclass(frozen=True)
+class Ready:
+    version: Version
+    peer: SetupParams
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    message: m.Message
+
+
+@dataclass(frozen=True)
+class ObjectReceived:
+    """An object from a subgroup stream (stream_id) or a datagram (stream_id None), or a
+    fetch stream (fetch_request_id set)."""
+
+    stream_id: int | None
+    header: SubgroupHeader | FetchHeader | None
+    object: Object
+    track_alias: int | None
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    stream_id: int
+    header: SubgroupHeader | FetchHeader | None
+    reset_code: int | None  # None: FIN after the last object
+
+
+@dataclass(frozen=True)
+class Closed:
+    code: int
+    reason: str
+    by_peer: bool
+
+
+Event = Ready | MessageReceived | ObjectReceived | StreamEnded | Closed
+
+
+class SubgroupWriter:
+    """Writes one subgroup stream: header once, then objects in order."""
+
+    def __init__(self, session: MoqtSession, header: SubgroupHeader) -> None:
+        self._s = session
+        self.header = header
+        self.stream_id = session.transport.open_stream(unidirectional=True)
+        self._prev: int | None = None
+        self.bytes = 0
+        self.done = False
+        self._send(encode_subgroup_header(header, session.version))
+
+    def _send(self, data: bytes, fin: bool = False) -> None:
+        self.bytes += len(data)
+        self._s.transport.send(self.stream_id, data, fin)
+
+    def write(self, obj: Object, fin: bool = False) -> int:
+        """Send an object; returns the stream offset where it starts."""
+        offset = self.bytes
+        self._send(encode_subgroup_object(obj, self.header, self._prev, self._s.version), fin)
+        self._prev = obj.object_id
+        self.done = fin
+        return offset
+
+    def finish(self) -> None:
+        if not self.done:
+            self._send(b"", fin=True)
+            self.done = True
+
+    def reset(self, code: int = STREAM_RESET_CANCELLED) -> None:
+        if not self.done:
+            self._s.transport.reset(self.stream_id, code)
+            self.done = True
+
+
+class MoqtSession:
+    """One MoQT session over one QUIC connection."""
+
+    def __init__(self, transport: Transport, *, client: bool, version: Version, on_event: Callable[[Event], None],
+                 max_request_id: int = 128, setup: SetupParams | None = None,
+                 max_object_size: int = 16 << 20) -> None:
+        self.transport = transport
+        self.client = client
+        self.version = Version(version)
+        self._emit = on_event
+        self._setup = setup or SetupParams()
+        self._max_object_size = max_object_size
+        self.ready = False
+        self.closed: Closed | None = None
+        self.control_stream: int | None = None
+        self._control = m.ControlStreamParser(self.version)
+        self._data: dict[int, DataStreamParser] = {}
+        # request IDs: ours are even for a client, odd for a server; the peer's the other parity
+        self._next_request_id = 0 if client else 1
+        self._peer_next_request_id = 1 if client else 0
+        self._window = max_request_id
+        self._our_max = max_request_id          # what we allow the peer (MAX_REQUEST_ID sent)
+        self._peer_max = 0                      # what the peer allows us
+        self.peer_setup: SetupParams | None = None
+
+    # ---- start
+    def start(self) -> None:
+        """Client: open the control stream and send CLIENT_SETUP. Server: wait for it."""
+        if not self.client:
+            return
+        self.control_stream = self.transport.open_stream(unidirectional=False)
+        params = _with_max_request_id(self._setup, self._our_max)
+        versions = (Version.DRAFT_14,) if self.version == Version.DRAFT_14 else ()
+        self._send_control(m.ClientSetup(versions, params))
+
+    # ---- control out
+    def _send_control(self, msg: m.Message) -> None:
+        self.transport.send(self.control_stream, m.encode_message(msg, self.version))
+
+    def send(self, msg: m.Message) -> None:
+        """Send a control message (request IDs of new requests come from next_request_id())."""
+        if self.closed:
+            raise ConnectionError("session closed")
+        if not self.ready:
+            raise ConnectionError("session not set up yet")
+        self._send_control(msg)
+
+    def next_request_id(self) -> int:
+        """Take the next Request ID for a new request; ConnectionError if the peer's limit is reached
+        (REQUESTS_BLOCKED is sent)."""
+        rid = self._next_request_id
+        if rid >= self._peer_max:
+            self._send_control(m.RequestsBlocked(self._peer_max))
+            raise ConnectionError(f"peer allows request IDs below {self._peer_max} only")
+        self._next_request_id += 2
+        return rid
+
+    # ---- data out
+    def open_subgroup(self, header: SubgroupHeader) -> SubgroupWriter:
+        return SubgroupWriter(self, header)
+
+    def send_datagram(self, dg: ObjectDatagram) -> None:
+        self.transport.send_datagram(encode_datagram(dg, self.version))
+
+    # ---- input
+    def stream_data(self, stream_id: int, data: bytes, fin: bool) -> None:
+        if self.closed:
+            return
+        try:
+            if self._is_bidi(stream_id):
+                self._control_data(stream_id, data, fin)
+            else:
+                self._data_stream(stream_id, data, fin)
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.reason)
+
+    def datagram(self, data: bytes) -> None:
+        if self.closed or not self.ready:
+            return
+        try:
+            dg = decode_datagram(data, self.version)
+        except MalformedTrack as exc:
+            log.warning("malformed datagram object dropped: %s", exc.reason)
+            return
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.reason)
+            return
+        self._emit(ObjectReceived(None, None, dg.object, dg.track_alias))
+
+    def stream_reset(self, stream_id: int, code: int) -> None:
+        parser = self._data.pop(stream_id, None)
+        if parser is not None:
+            self._emit(StreamEnded(stream_id, parser.header, code))
+        elif stream_id == self.control_stream:
+            self.fail(ErrorCode.PROTOCOL_VIOLATION, "control stream reset")
+
+    def stop_sending(self, stream_id: int, code: int) -> None:
+        """The peer no longer wants a stream we send on (e.g. it unsubscribed)."""
+        if stream_id == self.control_stream:
+            self.fail(ErrorCode.PROTOCOL_VIOLATION, "control stream stopped")
+
+    def terminated(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = Closed(code, reason, by_peer=True)
+            self._data.clear()
+            self._emit(self.closed)
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close the session for a protocol error (one log line)."""
+        if self.closed:
+            return
+        log.warning("closing MoQT session: %s (%s)", reason, ErrorCode(code).name if code in ErrorCode._value2member_map_
+                    else hex(code))
+        self.closed = Closed(code, reason, by_peer=False)
+        self._data.clear()
+        self.transport.close(code, reason[:1024])
+        self._emit(self.closed)
+
+    def close(self, reason: str = "") -> None:
+        """Close normally."""
+        self.fail(ErrorCode.NO_ERROR, reason or "closed")
+
+    # ---- internals
+    def _is_bidi(self, stream_id: int) -> bool:
+        return stream_id & 0x2 == 0
+
+    def _control_data(self, stream_id: int, data: bytes, fin: bool) -> None:
+        if self.control_stream is None and not self.client and stream_id & 0x1 == 0:
+            self.control_stream = stream_id  # the client's first bidirectional stream
+        if stream_id != self.control_stream:
+            raise violation(f"unexpected bidirectional stream {stream_id}")
+        if fin:
+            raise violation("control stream closed")
+        for msg in self._control.feed(data):
+            self._on_control(msg)
+
+    def _on_control(self, msg: m.Message) -> None:
+        if not self.ready:
+            self._on_setup(msg)
+            return
+        if isinstance(msg, m.ClientSetup | m.ServerSetup):
+            raise violation("second SETUP message")
+        if isinstance(msg, m.MaxRequestId):
+            if msg.max_request_id <= self._peer_max:
+                raise violation("MAX_REQUEST_ID did not increase")
+            self._peer_max = msg.max_request_id
+            return
+        if isinstance(msg, NEW_REQUESTS):
+            self._check_peer_request(msg.request_id)
+        self._emit(MessageReceived(msg))
+
+    def _on_setup(self, msg: m.Message) -> None:
+        if self.client:
+            if not isinstance(msg, m.ServerSetup):
+                raise violation(f"expected SERVER_SETUP, got {type(msg).__name__}")
+            if self.version == Version.DRAFT_14 and msg.selected_version != Version.DRAFT_14:
+                raise ProtocolError(ErrorCode.VERSION_NEGOTIATION_FAILED, "server selected an unoffered version")
+        else:
+            if not isinstance(msg, m.ClientSetup):
+                raise violation(f"expected CLIENT_SETUP, got {type(msg).__name__}")
+            if self.version == Version.DRAFT_14 and Version.DRAFT_14 not in msg.supported_versions:
+                raise ProtocolError(ErrorCode.VERSION_NEGOTIATION_FAILED, "client does not offer draft-14")
+            selected = Version.DRAFT_14 if self.version == Version.DRAFT_14 else None
+            self._send_control(m.ServerSetup(selected, _with_max_request_id(self._setup, self._our_max)))
+        self.peer_setup = msg.params
+        self._peer_max = msg.params.max_request_id or 0
+        self.ready = True
+        self._emit(Ready(self.version, msg.params))
+
+    def _check_peer_request(self, request_id: int) -> None:
+        if request_id != self._peer_next_request_id:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST_ID,
+                                f"request ID {request_id}, expected {self._peer_next_request_id}")
+        if request_id >= self._our_max:
+            raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, f"request ID {request_id} beyond {self._our_max}")
+        self._peer_next_request_id += 2
+        if self._our_max - request_id <= self._window // 2:  # keep the window open
+            self._our_max += self._window
+            self._send_control(m.MaxRequestId(self._our_max))
+
+    def _data_stream(self, stream_id: int, data: bytes, fin: bool) -> None:
+        if not self.ready:
+            raise violation("data stream before setup")
+        parser = self._data.get(stream_id)
+        if parser is None:
+            if stream_id & 0x1 == (0 if self.client else 1):
+                raise violation(f"data on our own unidirectional stream {stream_id}")
+            parser = self._data[stream_id] = DataStreamParser(self.version, self._max_object_size)
+        try:
+            events = parser.feed(data)
+            if fin:
+                parser.finish()
+        except (MalformedTrack, ObjectTooLarge) as exc:
+            log.warning("data stream %d abandoned: %s", stream_id, exc.reason)
+            self._data.pop(stream_id, None)
+            self.transport.stop(stream_id, getattr(exc, "reset_code", STREAM_RESET_CANCELLED))
+            self._emit(StreamEnded(stream_id, parser.header, STREAM_RESET_CANCELLED))
+            return
+        for ev in events:
+            if isinstance(ev, Object):
+                header = parser.header
+                alias = header.track_alias if isinstance(header, SubgroupHeader) else None
+                self._emit(ObjectReceived(stream_id, header, ev, alias))
+        if fin:
+            self._data.pop(stream_id, None)
+            self._emit(StreamEnded(stream_id, parser.header, None))
+
+
+def _with_max_request_id(params: SetupParams, max_request_id: int) -> SetupParams:
+    from dataclasses import replace
+
+    return replace(params, max_request_id=max_request_id)
