@@ -237,8 +237,8 @@ class MoqtSession:
         """Close the session for a protocol error (one log line)."""
         if self.closed:
             return
-        log.warning("closing MoQT session: %s (%s)", reason, ErrorCode(code).name if code in ErrorCode._value2member_map_
-                    else hex(code))
+        name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else hex(code)
+        log.warning("closing MoQT session: %s (%s)", reason, name)
         self.closed = Closed(code, reason, by_peer=False)
         self._data.clear()
         self.transport.close(code, reason[:1024])

@@ -1,0 +1,330 @@
+"""MoQT relay core: namespaces, tracks, deduplicated upstream subscriptions, forwarding,
+cache and late join. It reacts to session events and calls session methods; it opens no
+sockets and keeps no timers, so tests can drive it with in-memory sessions.
+
+Forwarding keeps one downstream subgroup stream per (subscriber, group, subgroup): objects
+arrive on it in order, whether they come from the cache (a late joiner's replay of the
+latest group) or live from the publisher, and each object is sent to a subscriber at most
+once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from . import messages as m
+from .cache import CachedObject, TrackCache
+from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
+from .params import MessageParams
+from .session import Closed, Event, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded, SubgroupWriter
+from .wire import Location, render_name
+
+log = logging.getLogger("fastrelay.relay")
+
+Namespace = tuple[bytes, ...]
+
+
+@dataclass
+class Peer:
+    """One connected MoQT session and what the relay knows about it."""
+
+    session: MoqtSession
+    name: str
+    namespaces: set[Namespace] = field(default_factory=set)
+    upstream: dict[int, Track] = field(default_factory=dict)  # track alias from this publisher -> track
+    requests: dict[int, Track] = field(default_factory=dict)  # our request id (to this publisher) -> track
+    downstream: dict[int, Downstream] = field(default_factory=dict)  # their request id -> subscription
+    aliases: itertools.count = field(default_factory=itertools.count)
+
+
+@dataclass
+class Downstream:
+    peer: Peer
+    request_id: int
+    alias: int
+    track: Track
+    established: bool = False
+    writers: dict[tuple[int, int], SubgroupWriter] = field(default_factory=dict)  # (group, subgroup)
+    sent: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, subgroup) -> last object id
+    objects: int = 0
+
+
+@dataclass
+class Track:
+    namespace: Namespace
+    name: bytes
+    publisher: Peer
+    cache: TrackCache
+    upstream_request_id: int | None = None
+    upstream_alias: int | None = None
+    live: bool = False
+    subscribers: list[Downstream] = field(default_factory=list)
+    stream_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # upstream stream -> (group, subgroup)
+    objects_in: int = 0
+
+    @property
+    def label(self) -> str:
+        return render_name(self.namespace, self.name)
+
+
+@dataclass
+class RelayStats:
+    objects_in: int = 0
+    objects_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cache_hits: int = 0
+    sessions: int = 0
+
+
+class Relay:
+    """The relay core; call `attach(session, name)` per session and feed it the session's events."""
+
+    def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20) -> None:
+        self.cache_groups = cache_groups
+        self.cache_bytes = cache_bytes
+        self.peers: dict[int, Peer] = {}
+        self.tracks: dict[tuple[Namespace, bytes], Track] = {}
+        self.stats = RelayStats()
+
+    # ---- sessions
+    def attach(self, session: MoqtSession, name: str) -> Peer:
+        peer = Peer(session, name)
+        self.peers[id(session)] = peer
+        self.stats.sessions += 1
+        return peer
+
+    def on_event(self, peer: Peer, ev: Event) -> None:
+        if isinstance(ev, ObjectReceived):
+            self._object(peer, ev)
+        elif isinstance(ev, StreamEnded):
+            self._stream_ended(peer, ev)
+        elif isinstance(ev, MessageReceived):
+            self._message(peer, ev.message)
+        elif isinstance(ev, Closed):
+            self._peer_gone(peer)
+        elif isinstance(ev, Ready):
+            log.info("session %s ready (%s)", peer.name, ev.version.name)
+
+    # ---- control
+    def _message(self, peer: Peer, msg: m.Message) -> None:
+        handler = getattr(self, f"_on_{type(msg).__name__}", None)
+        if handler is None:
+            log.debug("%s: %s ignored", peer.name, type(msg).__name__)
+            return
+        handler(peer, msg)
+
+    def _on_PublishNamespace(self, peer: Peer, msg: m.PublishNamespace) -> None:
+        peer.namespaces.add(msg.track_namespace)
+        peer.session.send(m.RequestOk(msg.request_id, request_kind=m.RequestKind.PUBLISH_NAMESPACE))
+        log.info("%s publishes namespace %s", peer.name, render_name(msg.track_namespace))
+
+    def _on_PublishNamespaceDone(self, peer: Peer, msg: m.PublishNamespaceDone) -> None:
+        peer.namespaces = {ns for ns in peer.namespaces if ns != msg.track_namespace}
+
+    def _on_Publish(self, peer: Peer, msg: m.Publish) -> None:
+        key = (msg.track_namespace, msg.track_name)
+        old = self.tracks.get(key)
+        if old is not None and old.publisher is not peer:
+            self._end_track(old, m.PublishDoneCode.GOING_AWAY, "another publisher took the track over")
+        track = self.tracks.get(key) or self._new_track(key, peer)
+        track.upstream_request_id, track.upstream_alias, track.live = msg.request_id, msg.track_alias, True
+        peer.upstream[msg.track_alias] = track
+        peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True)))
+        self._establish(track)
+
+    def _on_Subscribe(self, sub: Peer, msg: m.Subscribe) -> None:
+        key = (msg.track_namespace, msg.track_name)
+        track = self.tracks.get(key)
+        if track is None:
+            publisher = self._publisher_for(msg.track_namespace)
+            if publisher is None:
+                sub.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
+                                                "no publisher for this namespace", m.RequestKind.SUBSCRIBE))
+                return
+            track = self._new_track(key, publisher)
+            rid = publisher.session.next_request_id()
+            track.upstream_request_id = rid
+            publisher.requests[rid] = track
+            publisher.session.send(m.Subscribe(rid, msg.track_namespace, msg.track_name,
+                                               MessageParams(forward=True)))
+        ds = Downstream(sub, msg.request_id, next(sub.aliases), track)
+        sub.downstream[msg.request_id] = ds
+        track.subscribers.append(ds)
+        if track.live:
+            self._accept(ds)
+
+    def _on_SubscribeOk(self, peer: Peer, msg: m.SubscribeOk) -> None:
+        track = peer.requests.get(msg.request_id)
+        if track is None:
+            return
+        track.upstream_alias, track.live = msg.track_alias, True
+        peer.upstream[msg.track_alias] = track
+        self._establish(track)
+
+    def _on_RequestError(self, peer: Peer, msg: m.RequestError) -> None:
+        track = peer.requests.pop(msg.request_id, None)
+        if track is None:
+            return
+        for ds in list(track.subscribers):
+            ds.peer.session.send(m.RequestError(ds.request_id, msg.error_code, msg.retry_interval, msg.error_reason,
+                                                m.RequestKind.SUBSCRIBE))
+            ds.peer.downstream.pop(ds.request_id, None)
+        self.tracks.pop((track.namespace, track.name), None)
+
+    def _on_Unsubscribe(self, sub: Peer, msg: m.Unsubscribe) -> None:
+        ds = sub.downstream.pop(msg.request_id, None)
+        if ds is not None:
+            self._drop_downstream(ds)
+
+    def _on_PublishDone(self, peer: Peer, msg: m.PublishDone) -> None:
+        track = peer.requests.get(msg.request_id) or next(
+            (t for t in peer.upstream.values() if t.upstream_request_id == msg.request_id), None)
+        if track is not None:
+            self._end_track(track, msg.status_code, msg.error_reason)
+
+    # ---- helpers
+    def _new_track(self, key: tuple[Namespace, bytes], publisher: Peer) -> Track:
+        track = Track(key[0], key[1], publisher, TrackCache(self.cache_groups, self.cache_bytes))
+        self.tracks[key] = track
+        return track
+
+    def _publisher_for(self, ns: Namespace) -> Peer | None:
+        """The publisher of the longest registered namespace that is a prefix of `ns`."""
+        best: tuple[int, Peer] | None = None
+        for peer in self.peers.values():
+            for pns in peer.namespaces:
+                if ns[: len(pns)] == pns and (best is None or len(pns) > best[0]):
+                    best = (len(pns), peer)
+        return best[1] if best else None
+
+    def _establish(self, track: Track) -> None:
+        for ds in track.subscribers:
+            if not ds.established:
+                self._accept(ds)
+
+    def _accept(self, ds: Downstream) -> None:
+        """SUBSCRIBE_OK, then the latest cached group (late join), then live objects."""
+        largest = ds.track.cache.largest()
+        ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=largest)))
+        ds.established = True
+        if largest is not None:
+            for obj in ds.track.cache.group(largest.group):
+                self.stats.cache_hits += 1
+                self._send(ds, _from_cache(obj), fin=False)
+
+    def _drop_downstream(self, ds: Downstream) -> None:
+        for w in ds.writers.values():
+            w.reset()
+        ds.writers.clear()
+        track = ds.track
+        if ds in track.subscribers:
+            track.subscribers.remove(ds)
+        upstream = track.upstream_request_id
+        if (not track.subscribers and upstream is not None and upstream in track.publisher.requests
+                and not track.publisher.session.closed):
+            # nobody left: end the upstream subscription (a PUBLISHed track stays)
+            track.publisher.session.send(m.Unsubscribe(track.upstream_request_id))
+            track.publisher.requests.pop(track.upstream_request_id, None)
+            track.publisher.upstream.pop(track.upstream_alias, None)
+            self.tracks.pop((track.namespace, track.name), None)
+
+    def _end_track(self, track: Track, code: int, reason: str) -> None:
+        for ds in list(track.subscribers):
+            for w in ds.writers.values():
+                w.finish()
+            if not ds.peer.session.closed and ds.established:
+                ds.peer.session.send(m.PublishDone(ds.request_id, code, len(ds.writers), reason[:1024]))
+            ds.peer.downstream.pop(ds.request_id, None)
+        track.subscribers.clear()
+        track.publisher.requests.pop(track.upstream_request_id, None)
+        track.publisher.upstream.pop(track.upstream_alias, None)
+        self.tracks.pop((track.namespace, track.name), None)
+        log.info("track %s ended (%s)", track.label, reason or code)
+
+    def _peer_gone(self, peer: Peer) -> None:
+        self.peers.pop(id(peer.session), None)
+        for track in [t for t in self.tracks.values() if t.publisher is peer]:
+            self._end_track(track, m.PublishDoneCode.GOING_AWAY, f"publisher {peer.name} went away")
+        for ds in list(peer.downstream.values()):
+            ds.writers.clear()  # its connection is gone: nothing to reset
+            self._drop_downstream(ds)
+        peer.downstream.clear()
+        log.info("session %s gone", peer.name)
+
+    # ---- data
+    def _object(self, peer: Peer, ev: ObjectReceived) -> None:
+        track = peer.upstream.get(ev.track_alias) if ev.track_alias is not None else None
+        if track is None:
+            return  # not (or no longer) subscribed: stray data is dropped
+        obj = ev.object
+        track.objects_in += 1
+        self.stats.objects_in += 1
+        self.stats.bytes_in += len(obj.payload)
+        if ev.stream_id is not None:
+            track.stream_keys[ev.stream_id] = (obj.group_id, obj.subgroup_id)
+        track.cache.add(CachedObject(Location(obj.group_id, obj.object_id), obj.subgroup_id or 0,
+                                     obj.publisher_priority or 0, int(obj.status), tuple(obj.extensions),
+                                     obj.payload))
+        for ds in track.subscribers:
+            if not ds.established:
+                continue
+            if ev.stream_id is None:
+                ds.peer.session.send_datagram(ObjectDatagram(ds.alias, obj))
+                self._count_out(ds, obj)
+            else:
+                self._send(ds, obj, fin=False)
+
+    def _send(self, ds: Downstream, obj: Object, fin: bool) -> None:
+        key = (obj.group_id, obj.subgroup_id or 0)
+        last = ds.sent.get(key)
+        if last is not None and obj.object_id <= last:
+            return  # already sent (from the cache)
+        writer = ds.writers.get(key)
+        if writer is None:
+            if last is None and key[0] < self._join_floor(ds):
+                return
+            header = subgroup_header_for(ds.alias, obj.group_id, key[1], obj.object_id,
+                                         publisher_priority=obj.publisher_priority or 128,
+                                         version=ds.peer.session.version)
+            writer = ds.writers[key] = ds.peer.session.open_subgroup(header)
+        writer.write(obj, fin=fin)
+        ds.sent[key] = obj.object_id
+        self._count_out(ds, obj)
+        if fin:
+            ds.writers.pop(key, None)
+
+    def _join_floor(self, ds: Downstream) -> int:
+        """Groups older than what a subscriber started with are not opened for it."""
+        return min((g for g, _ in ds.sent), default=0)
+
+    def _count_out(self, ds: Downstream, obj: Object) -> None:
+        ds.objects += 1
+        self.stats.objects_out += 1
+        self.stats.bytes_out += len(obj.payload)
+
+    def _stream_ended(self, peer: Peer, ev: StreamEnded) -> None:
+        header = ev.header
+        if not isinstance(header, SubgroupHeader):
+            return
+        track = peer.upstream.get(header.track_alias)
+        if track is None:
+            return
+        key = track.stream_keys.pop(ev.stream_id, None)
+        if key is None:
+            return
+        for ds in track.subscribers:
+            w = ds.writers.pop(key, None)
+            if w is None:
+                continue
+            if ev.reset_code is None:
+                w.finish()
+            else:
+                w.reset(ev.reset_code)
+
+
+def _from_cache(obj: CachedObject) -> Object:
+    return Object(obj.location.group, obj.subgroup_id, obj.location.object, obj.publisher_priority,
+                  ObjectStatus(obj.status), list(obj.extensions), obj.payload)

@@ -1,0 +1,153 @@
+"""Relay core driven through in-memory sessions: dedup, forwarding, late join, teardown."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastrelay.moq import messages as m
+from fastrelay.moq.data import Object, subgroup_header_for
+from fastrelay.moq.params import Version
+from fastrelay.moq.relay import Relay
+from fastrelay.moq.session import Closed, MessageReceived, MoqtSession, ObjectReceived, StreamEnded
+from fastrelay.moq.wire import ErrorCode
+
+from .conftest import Pipe
+
+NS, TRACK = (b"live", b"cam"), b"video"
+
+
+def connect(relay: Relay, version: Version, name: str):
+    c, s = Pipe(True), Pipe(False)
+    c.peer, s.peer = s, c
+    events: list = []
+    c.session = MoqtSession(c, client=True, version=version, on_event=events.append)
+    holder = {}
+    s.session = MoqtSession(s, client=False, version=version, on_event=lambda e: relay.on_event(holder["peer"], e))
+    holder["peer"] = relay.attach(s.session, name)
+    c.session.start()
+    return c, events
+
+
+def messages(events, cls):
+    return [e.message for e in events if isinstance(e, MessageReceived) and isinstance(e.message, cls)]
+
+
+def objects(events, alias=None):
+    return [(e.object.group_id, e.object.object_id, e.object.payload) for e in events
+            if isinstance(e, ObjectReceived) and (alias is None or e.track_alias == alias)]
+
+
+class Publisher:
+    """A publisher endpoint answering the relay's SUBSCRIBE and writing groups."""
+
+    def __init__(self, relay: Relay, version: Version) -> None:
+        self.pipe, self.events = connect(relay, version, "pub")
+        self.version = version
+        s = self.pipe.session
+        s.send(m.PublishNamespace(s.next_request_id(), NS))
+        assert messages(self.events, m.RequestOk)
+        self.alias = 42
+        self.writer = None
+
+    def answer_subscribes(self) -> int:
+        subs = messages(self.events, m.Subscribe)
+        for sub in subs:
+            self.pipe.session.send(m.SubscribeOk(sub.request_id, self.alias))
+        self.events.clear()
+        return len(subs)
+
+    def write(self, group: int, obj: int, fin: bool = False) -> None:
+        if obj == 0:
+            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=10, version=self.version)
+            self.writer = self.pipe.session.open_subgroup(header)
+        self.writer.write(Object(group, 0, obj, 10, payload=f"g{group}o{obj}".encode()), fin=fin)
+
+
+@pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
+def test_two_subscribers_one_upstream_subscription_late_join_and_teardown(version):
+    relay = Relay()
+    pub = Publisher(relay, version)
+    s1, ev1 = connect(relay, version, "s1")
+    s1.session.send(m.Subscribe(s1.session.next_request_id(), NS, TRACK))
+    assert pub.answer_subscribes() == 1
+    ok1 = messages(ev1, m.SubscribeOk)[0]
+    for o in range(3):
+        pub.write(0, o)
+    pub.write(1, 0)
+    pub.write(1, 1)
+
+    # a late joiner: no second upstream SUBSCRIBE, and the latest group from the cache first
+    s2, ev2 = connect(relay, version, "s2")
+    s2.session.send(m.Subscribe(s2.session.next_request_id(), NS, TRACK))
+    assert pub.answer_subscribes() == 0
+    ok2 = messages(ev2, m.SubscribeOk)[0]
+    assert ok2.params.largest_object.group == 1 and ok2.params.largest_object.object == 1
+    pub.write(1, 2, fin=True)
+    pub.write(2, 0, fin=True)
+
+    assert objects(ev1, ok1.track_alias) == [(0, 0, b"g0o0"), (0, 1, b"g0o1"), (0, 2, b"g0o2"), (1, 0, b"g1o0"),
+                                             (1, 1, b"g1o1"), (1, 2, b"g1o2"), (2, 0, b"g2o0")]
+    assert objects(ev2, ok2.track_alias) == [(1, 0, b"g1o0"), (1, 1, b"g1o1"), (1, 2, b"g1o2"), (2, 0, b"g2o0")]
+    assert any(isinstance(e, StreamEnded) and e.reset_code is None for e in ev2)
+    assert relay.stats.cache_hits == 2
+
+    # one leaves: the upstream subscription stays; the last leaves: it ends
+    s1.session.send(m.Unsubscribe(ok1.request_id))
+    assert not messages(pub.events, m.Unsubscribe)
+    s2.session.send(m.Unsubscribe(ok2.request_id))
+    assert len(messages(pub.events, m.Unsubscribe)) == 1
+    assert not relay.tracks
+
+
+def test_publisher_gone_means_publish_done_for_every_subscriber():
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    subs = []
+    for i in range(3):
+        s, ev = connect(relay, Version.DRAFT_16, f"s{i}")
+        s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+        subs.append(ev)
+    assert pub.answer_subscribes() == 1
+    pub.write(0, 0)
+    pub.pipe.close(0, "publisher crashed")
+    for ev in subs:
+        done = messages(ev, m.PublishDone)
+        assert len(done) == 1 and done[0].status_code == m.PublishDoneCode.GOING_AWAY
+    assert not relay.tracks
+
+
+def test_unknown_namespace_is_an_error():
+    relay = Relay()
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    s.session.send(m.Subscribe(s.session.next_request_id(), (b"nobody",), TRACK))
+    err = messages(ev, m.RequestError)[0]
+    assert err.error_code == m.RequestErrorCode.DOES_NOT_EXIST
+
+
+def test_a_malformed_client_does_not_disturb_the_others():
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    good, gev = connect(relay, Version.DRAFT_16, "good")
+    good.session.send(m.Subscribe(good.session.next_request_id(), NS, TRACK))
+    bad, bev = connect(relay, Version.DRAFT_16, "bad")
+    bad.session.send(m.Subscribe(bad.session.next_request_id(), NS, TRACK))
+    pub.answer_subscribes()
+    pub.write(0, 0)
+    bad.send(bad.session.control_stream, b"\x3f\x00\x00")  # unknown message type
+    assert isinstance(bev[-1], Closed) and bev[-1].code == ErrorCode.PROTOCOL_VIOLATION
+    pub.write(0, 1, fin=True)
+    assert objects(gev) == [(0, 0, b"g0o0"), (0, 1, b"g0o1")]
+    assert len(relay.tracks) == 1 and len(next(iter(relay.tracks.values())).subscribers) == 1
+
+
+def test_datagrams_are_forwarded_with_the_subscribers_alias():
+    from fastrelay.moq.data import ObjectDatagram
+
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    pub.answer_subscribes()
+    alias = messages(ev, m.SubscribeOk)[0].track_alias
+    pub.pipe.session.send_datagram(ObjectDatagram(pub.alias, Object(5, None, 0, 10, payload=b"dg")))
+    assert objects(ev, alias) == [(5, 0, b"dg")]
