@@ -137,6 +137,79 @@ def _impair(args: argparse.Namespace) -> None:
     print(f"link {args.sub}: loss {args.loss or 0:.1%}, rate {args.rate or '-'}, delay {args.delay or '-'} ms")
 
 
+def _namespace(text: str) -> tuple[bytes, ...]:
+    fields = tuple(f.encode() for f in text.split("/"))
+    if not all(fields) or len(fields) > 32:
+        raise ValueError(f"namespace {text!r}: 1..32 non-empty fields separated by '/'")
+    return fields
+
+
+def _draft(text: str):
+    from .moq.params import Version
+
+    return {"16": Version.DRAFT_16, "14": Version.DRAFT_14}[text]
+
+
+def _relay(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+    from pathlib import Path
+
+    from .moq.endpoint import MoqtUrl, serve_relay
+    from .moq.relay import Relay
+    from .quic.tls import certificate_files
+
+    url = MoqtUrl.parse(args.url)
+    cert, key = certificate_files(args.cert, args.key, [url.host if url.host != "0.0.0.0" else "127.0.0.1"],
+                                  Path(args.state_dir))
+
+    async def main() -> None:
+        relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes)
+        server = await serve_relay(relay, url.host, url.port, str(cert), str(key),
+                                   tuple(_draft(d) for d in args.drafts.split(",")))
+        logging.getLogger("fastrelay").info("MoQT relay on %s (drafts %s)", args.url, args.drafts)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+        print(json.dumps(relay.stats.__dict__))
+
+    asyncio.run(main())
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .media.h264 import H264Source, SyntheticSource
+    from .moq.publisher import publish
+
+    if args.source == "synthetic":
+        source = SyntheticSource(object_size=args.object_size, fps=args.fps, gop=args.gop, duration=args.duration,
+                                 realtime=True)
+    elif args.source in ("testsrc", "testsrc2"):
+        source = H264Source(pattern=args.source, fps=args.fps, gop=args.gop, duration=args.duration, realtime=True)
+    else:
+        source = H264Source(args.source, duration=args.duration, realtime=True)
+    result = asyncio.run(publish(args.url, _namespace(args.namespace), args.track.encode(), source,
+                                 version=_draft(args.draft), wait_subscriber=args.wait))
+    print(json.dumps(result.__dict__))
+    return 0
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .moq.subscriber import subscribe
+
+    result = asyncio.run(subscribe(args.url, _namespace(args.namespace), args.track.encode(),
+                                   version=_draft(args.draft), out=args.out, duration=args.duration,
+                                   codec="raw" if args.raw else "h264"))
+    print(json.dumps(result.summary()))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import udp_fanout
 
@@ -188,6 +261,35 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("--clear", action="store_true", help="impair: remove this link's impairments")
     lab.set_defaults(fn=_lab)
 
+    r = sub.add_parser("relay", help="MoQT relay (userspace data path)")
+    r.add_argument("url", metavar="moqt://HOST:PORT")
+    r.add_argument("--cert", help="TLS certificate (PEM); default: a generated self-signed one")
+    r.add_argument("--key", help="TLS private key (PEM)")
+    r.add_argument("--drafts", default="16,14", help="MoQT drafts to accept (ALPN moqt-16 / moq-00)")
+    r.add_argument("--cache-groups", type=int, default=8, help="groups cached per track")
+    r.add_argument("--cache-bytes", type=int, default=64 << 20, help="bytes cached per track")
+    r.add_argument("--state-dir", default="/run/fastrelay", help="where a generated certificate is written")
+    r.set_defaults(fn=_relay)
+
+    for name, fn, text in (("publish", _publish, "publish a track through a relay"),
+                           ("subscribe", _subscribe, "subscribe to a track through a relay")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("url", metavar="moqt://HOST:PORT")
+        c.add_argument("-N", "--namespace", required=True, help="track namespace, fields separated by '/'")
+        c.add_argument("-T", "--track", required=True, help="track name")
+        c.add_argument("--draft", choices=("16", "14"), default="16")
+        c.add_argument("--duration", type=float, default=None, help="seconds (default: until the end)")
+        c.set_defaults(fn=fn)
+        if name == "publish":
+            c.add_argument("--source", default="testsrc", help="testsrc | testsrc2 | synthetic | FILE")
+            c.add_argument("--fps", type=float, default=30.0)
+            c.add_argument("--gop", type=int, default=30, help="frames per group (keyframe interval)")
+            c.add_argument("--object-size", type=int, default=1200, help="synthetic source: bytes per object")
+            c.add_argument("--wait", type=float, default=None, help="wait this long for a subscriber first")
+        else:
+            c.add_argument("--out", help="write the received H.264 (Annex-B) here")
+            c.add_argument("--raw", action="store_true", help="payloads are not H.264 (synthetic source)")
+
     be = sub.add_parser("bench", help="benchmarks (kernel vs userspace, one run)")
     be.add_argument("what", choices=("udp-fanout",))
     be.add_argument("--quick", action="store_true", help="short run (< 60 s)")
@@ -207,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (KernelError, ValueError, OSError) as exc:
-        first = str(exc).strip()
+        first = str(exc).strip() or type(exc).__name__
         print(f"fastrelay: error: {first}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -58,9 +58,11 @@ class Publisher:
 
     def write(self, group: int, obj: int, fin: bool = False) -> None:
         if obj == 0:
-            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=10, version=self.version)
+            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=10, version=self.version,
+                                         extensions=True)
             self.writer = self.pipe.session.open_subgroup(header)
-        self.writer.write(Object(group, 0, obj, 10, payload=f"g{group}o{obj}".encode()), fin=fin)
+        self.writer.write(Object(group, 0, obj, 10, extensions=[(2, obj)], payload=f"g{group}o{obj}".encode()),
+                          fin=fin)
 
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])

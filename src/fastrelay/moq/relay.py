@@ -286,9 +286,10 @@ class Relay:
         if writer is None:
             if last is None and key[0] < self._join_floor(ds):
                 return
+            # extensions on: later objects of the subgroup may carry some (one byte per object)
             header = subgroup_header_for(ds.alias, obj.group_id, key[1], obj.object_id,
                                          publisher_priority=obj.publisher_priority or 128,
-                                         version=ds.peer.session.version)
+                                         version=ds.peer.session.version, extensions=True)
             writer = ds.writers[key] = ds.peer.session.open_subgroup(header)
         writer.write(obj, fin=fin)
         ds.sent[key] = obj.object_id

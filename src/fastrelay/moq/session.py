@@ -238,7 +238,8 @@ class MoqtSession:
         if self.closed:
             return
         name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else hex(code)
-        log.warning("closing MoQT session: %s (%s)", reason, name)
+        log.log(logging.INFO if code == ErrorCode.NO_ERROR else logging.WARNING, "closing MoQT session: %s (%s)",
+                reason, name)
         self.closed = Closed(code, reason, by_peer=False)
         self._data.clear()
         self.transport.close(code, reason[:1024])

@@ -1,0 +1,134 @@
+"""`fastrelay publish`: a MoQT publisher of one track fed by a media source.
+
+One Group per GOP, one Object per frame, packaged per LOC. A keyframe travels in subgroup
+0 at high publisher priority, the frames that depend on it in subgroup 1 at lower
+priority, so a congested relay can drop dependent frames first and still deliver
+decodable keyframes. Frames produced while nobody is subscribed are not sent (live).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ..media import loc
+from ..media.h264 import Frame, FrameSource, Gop
+from . import messages as m
+from .data import Object, subgroup_header_for
+from .endpoint import MoqtClient
+from .params import MessageParams, Version
+from .session import MessageReceived, SubgroupWriter
+from .wire import Location
+
+log = logging.getLogger("fastrelay.publish")
+
+KEYFRAME_PRIORITY = 0x10  # lower value = more important
+DEPENDENT_PRIORITY = 0x80
+TRACK_ALIAS = 1
+
+
+@dataclass
+class PublishResult:
+    objects: int = 0
+    bytes: int = 0
+    groups: int = 0
+    subscribed: bool = False
+
+
+async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: FrameSource, *,
+                  version: Version = Version.DRAFT_16, wait_subscriber: float | None = None) -> PublishResult:
+    """Publish `source` as (namespace, track) through the relay at `url` until the source ends."""
+    result = PublishResult()
+    async with MoqtClient(url, version) as client:
+        reply = await client.request(lambda rid: m.PublishNamespace(rid, namespace))
+        if isinstance(reply, m.RequestError):
+            raise ConnectionError(f"PUBLISH_NAMESPACE refused: {reply.error_reason or reply.error_code}")
+        state = _Publisher(client, namespace, track, version)
+        events = asyncio.create_task(state.serve(client))
+        try:
+            if wait_subscriber:
+                try:
+                    await asyncio.wait_for(state.subscribed.wait(), wait_subscriber)
+                except TimeoutError:
+                    raise ConnectionError(f"nobody subscribed within {wait_subscriber:g} s") from None
+            async for ev in source.events():
+                if isinstance(ev, Gop):
+                    state.end_group()
+                    result.groups += 1
+                elif isinstance(ev, Frame) and state.send(ev):
+                    result.objects += 1
+                    result.bytes += ev.size
+                if client.closed:
+                    raise ConnectionError(f"relay closed the session: {client.closed.reason}")
+            state.finish()
+        finally:
+            events.cancel()
+            source.close()
+        result.subscribed = state.request_id is not None
+        await asyncio.sleep(0.2)  # let the last objects and PUBLISH_DONE leave
+    return result
+
+
+class _Publisher:
+    def __init__(self, client: MoqtClient, namespace: tuple[bytes, ...], track: bytes, version: Version) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.track = track
+        self.version = version
+        self.request_id: int | None = None
+        self.subscribed = asyncio.Event()
+        self.writers: dict[int, SubgroupWriter] = {}
+        self.largest: Location | None = None
+        self.streams = 0
+
+    async def serve(self, client: MoqtClient) -> None:
+        """Answer the relay's SUBSCRIBE / UNSUBSCRIBE for our track."""
+        while True:
+            ev = await client.events.get()
+            if not isinstance(ev, MessageReceived):
+                continue
+            msg = ev.message
+            if isinstance(msg, m.Subscribe):
+                if (msg.track_namespace, msg.track_name) != (self.namespace, self.track):
+                    client.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
+                                                       "unknown track", m.RequestKind.SUBSCRIBE))
+                    continue
+                self.request_id = msg.request_id
+                client.session.send(m.SubscribeOk(msg.request_id, TRACK_ALIAS,
+                                                  MessageParams(largest_object=self.largest)))
+                self.subscribed.set()
+                log.info("subscribed by the relay (request %d)", msg.request_id)
+            elif isinstance(msg, m.Unsubscribe) and msg.request_id == self.request_id:
+                self.request_id = None
+                self.subscribed.clear()
+                self.end_group()
+
+    def end_group(self) -> None:
+        for w in self.writers.values():
+            w.finish()
+        self.writers.clear()
+
+    def send(self, frame: Frame) -> bool:
+        if self.request_id is None:
+            return False
+        extensions, payload = loc.package(frame, send_time_us=time.time_ns() // 1000)
+        subgroup = 0 if frame.keyframe else 1
+        priority = KEYFRAME_PRIORITY if frame.keyframe else DEPENDENT_PRIORITY
+        writer = self.writers.get(subgroup)
+        if writer is None:
+            header = subgroup_header_for(TRACK_ALIAS, frame.group_id, subgroup, frame.object_id,
+                                         publisher_priority=priority, version=self.version,
+                                         extensions=bool(extensions))
+            writer = self.writers[subgroup] = self.client.session.open_subgroup(header)
+            self.streams += 1
+        writer.write(Object(frame.group_id, subgroup, frame.object_id, priority, extensions=list(extensions),
+                            payload=payload))
+        self.largest = Location(frame.group_id, frame.object_id)
+        return True
+
+    def finish(self) -> None:
+        self.end_group()
+        if self.request_id is not None:
+            self.client.session.send(m.PublishDone(self.request_id, m.PublishDoneCode.TRACK_ENDED, self.streams))

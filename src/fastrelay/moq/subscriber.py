@@ -1,0 +1,152 @@
+"""`fastrelay subscribe`: subscribe to one track, rebuild the media, measure latency.
+
+Objects of one group arrive on two subgroup streams (keyframe, dependent frames), so they
+are put back in (group, object) order before being written; a group that cannot be
+completed is skipped at the next keyframe and counted as a gap. End-to-end latency is the
+subscriber's wall clock minus the publisher's send-time extension (same host or synced
+clocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..media import loc
+from ..media.writer import AnnexBWriter
+from . import messages as m
+from .endpoint import MoqtClient
+from .params import MessageParams, Version
+from .session import Closed, MessageReceived, ObjectReceived
+
+log = logging.getLogger("fastrelay.subscribe")
+
+REORDER_GROUPS = 2  # groups held back waiting for a missing object before skipping ahead
+
+
+@dataclass
+class SubscribeResult:
+    objects: int = 0
+    bytes: int = 0
+    written: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    bad: int = 0  # payloads that failed verification
+    latencies_ms: list[float] = field(default_factory=list)
+    ended: str = ""
+
+    def summary(self) -> dict[str, object]:
+        lat = sorted(self.latencies_ms)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
+
+        return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
+                "duplicates": self.duplicates, "bad": self.bad, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
+                "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
+
+
+class _Reorder:
+    """Puts frames back in (group, object) order; skips a stuck group at the next keyframe."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.buf: dict[tuple[int, int], loc.LocFrame] = {}
+        self.next: tuple[int, int] | None = None
+        self.gaps = 0
+
+    def add(self, group: int, obj: int, frame: loc.LocFrame) -> None:
+        if self.next is None:
+            if obj != 0:
+                return  # join at a group start
+            self.next = (group, 0)
+        if (group, obj) < self.next:
+            return
+        self.buf[(group, obj)] = frame
+        self._drain()
+        groups = {g for g, _ in self.buf}
+        if len(groups) > REORDER_GROUPS:
+            later = min(g for g in groups if g > self.next[0] and (g, 0) in self.buf) if any(
+                g > self.next[0] and (g, 0) in self.buf for g in groups) else None
+            if later is not None:
+                self.gaps += 1
+                self.buf = {k: v for k, v in self.buf.items() if k[0] >= later}
+                self.next = (later, 0)
+                self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            g, o = self.next
+            if (g, o) in self.buf:
+                self.sink(self.buf.pop((g, o)))
+                self.next = (g, o + 1)
+            elif (g + 1, 0) in self.buf and not any(k[0] == g for k in self.buf):
+                self.next = (g + 1, 0)  # the group ended (no more of it buffered) and the next has begun
+            else:
+                return
+
+    def flush(self) -> None:
+        for key in sorted(self.buf):
+            self.sink(self.buf.pop(key))
+
+
+async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, version: Version = Version.DRAFT_16,
+                    out: str | None = None, duration: float | None = None, codec: str = "h264",
+                    verify: Callable[[int, int, bytes], bool] | None = None) -> SubscribeResult:
+    """Subscribe and receive until PUBLISH_DONE, the session ends, or `duration` seconds pass."""
+    result = SubscribeResult()
+    writer = AnnexBWriter(out) if out else None
+    seen: set[tuple[int, int]] = set()
+
+    def write(frame: loc.LocFrame) -> None:
+        if writer is not None:
+            writer.write(frame)
+            result.written += 1
+
+    reorder = _Reorder(write)
+    async with MoqtClient(url, version) as client:
+        reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, MessageParams(forward=True)))
+        if isinstance(reply, m.RequestError):
+            raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
+        alias = reply.track_alias
+        deadline = time.monotonic() + duration if duration else None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                ev = await asyncio.wait_for(client.events.get(), timeout)
+            except TimeoutError:
+                result.ended = "duration"
+                break
+            if isinstance(ev, ObjectReceived) and ev.track_alias == alias:
+                obj = ev.object
+                key = (obj.group_id, obj.object_id)
+                if key in seen:
+                    result.duplicates += 1
+                    continue
+                seen.add(key)
+                result.objects += 1
+                result.bytes += len(obj.payload)
+                if verify is not None and not verify(obj.group_id, obj.object_id,
+                                                     loc.unpackage(obj.extensions, obj.payload, codec="raw").data):
+                    result.bad += 1
+                now_us = time.time_ns() // 1000
+                frame = loc.unpackage(obj.extensions, obj.payload, codec=codec, group_id=obj.group_id,
+                                      object_id=obj.object_id)
+                if frame.send_time_us:
+                    result.latencies_ms.append((now_us - frame.send_time_us) / 1000)
+                reorder.add(obj.group_id, obj.object_id, frame)
+            elif isinstance(ev, MessageReceived) and isinstance(ev.message, m.PublishDone):
+                result.ended = f"publish_done({ev.message.status_code})"
+                break
+            elif isinstance(ev, Closed):
+                result.ended = f"closed({ev.reason})"
+                break
+    reorder.flush()
+    result.gaps = reorder.gaps
+    if writer is not None:
+        writer.close()
+    return result
