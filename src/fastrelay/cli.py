@@ -203,9 +203,12 @@ def _subscribe(args: argparse.Namespace) -> int:
 
     from .moq.subscriber import subscribe
 
+    def report(snapshot: dict[str, object]) -> None:
+        print(json.dumps({"progress": snapshot}), flush=True)
+
     result = asyncio.run(subscribe(args.url, _namespace(args.namespace), args.track.encode(),
                                    version=_draft(args.draft), out=args.out, duration=args.duration,
-                                   codec="raw" if args.raw else "h264"))
+                                   codec="raw" if args.raw else "h264", progress=report if args.progress else None))
     print(json.dumps(result.summary()))
     return 0
 
@@ -289,6 +292,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--out", help="write the received H.264 (Annex-B) here")
             c.add_argument("--raw", action="store_true", help="payloads are not H.264 (synthetic source)")
+            c.add_argument("--progress", action="store_true", help="print a JSON progress line every second")
 
     be = sub.add_parser("bench", help="benchmarks (kernel vs userspace, one run)")
     be.add_argument("what", choices=("udp-fanout",))

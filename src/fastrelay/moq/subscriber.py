@@ -96,7 +96,8 @@ class _Reorder:
 
 async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, version: Version = Version.DRAFT_16,
                     out: str | None = None, duration: float | None = None, codec: str = "h264",
-                    verify: Callable[[int, int, bytes], bool] | None = None) -> SubscribeResult:
+                    verify: Callable[[int, int, bytes], bool] | None = None,
+                    progress: Callable[[dict[str, object]], None] | None = None) -> SubscribeResult:
     """Subscribe and receive until PUBLISH_DONE, the session ends, or `duration` seconds pass."""
     result = SubscribeResult()
     writer = AnnexBWriter(out) if out else None
@@ -114,13 +115,24 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
             raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
         alias = reply.track_alias
         deadline = time.monotonic() + duration if duration else None
+        next_report, last_objects = time.monotonic() + 1.0, 0
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            now = time.monotonic()
+            if progress is not None and now >= next_report:
+                snap = result.summary()
+                snap["objects_per_s"] = result.objects - last_objects
+                last_objects, next_report = result.objects, now + 1.0
+                progress(snap)
+            timeout = None if deadline is None else max(0.0, deadline - now)
+            if progress is not None:
+                timeout = min(timeout if timeout is not None else 1.0, max(0.0, next_report - now))
             try:
                 ev = await asyncio.wait_for(client.events.get(), timeout)
             except TimeoutError:
-                result.ended = "duration"
-                break
+                if deadline is not None and time.monotonic() >= deadline:
+                    result.ended = "duration"
+                    break
+                continue
             if isinstance(ev, ObjectReceived) and ev.track_alias == alias:
                 obj = ev.object
                 key = (obj.group_id, obj.object_id)
