@@ -164,9 +164,17 @@ def _relay(args: argparse.Namespace) -> int:
                                   Path(args.state_dir))
 
     async def main() -> None:
-        relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes)
+        relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes, max_backlog=args.max_backlog)
         server = await serve_relay(relay, url.host, url.port, str(cert), str(key),
                                    tuple(_draft(d) for d in args.drafts.split(",")))
+        if args.metrics:
+            from prometheus_client import REGISTRY, start_http_server
+
+            from .moq.metrics import RelayCollector
+
+            host, _, port = args.metrics.rpartition(":")
+            REGISTRY.register(RelayCollector(relay))
+            start_http_server(int(port), addr=host or "0.0.0.0")
         logging.getLogger("fastrelay").info("MoQT relay on %s (drafts %s)", args.url, args.drafts)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -272,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-groups", type=int, default=8, help="groups cached per track")
     r.add_argument("--cache-bytes", type=int, default=64 << 20, help="bytes cached per track")
     r.add_argument("--state-dir", default="/run/fastrelay", help="where a generated certificate is written")
+    r.add_argument("--max-backlog", type=int, default=1 << 20, metavar="BYTES",
+                   help="a subscriber this far behind skips to the next group (4x: its current subgroup too)")
+    r.add_argument("--metrics", metavar="[ADDR:]PORT", help="serve Prometheus metrics (text format) here")
     r.set_defaults(fn=_relay)
 
     for name, fn, text in (("publish", _publish, "publish a track through a relay"),

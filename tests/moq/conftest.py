@@ -16,6 +16,10 @@ class Pipe:
         self._next = {False: 0 if client else 1, True: 2 if client else 3}
         self.closed_with: tuple[int, str] | None = None
         self.stopped: list[tuple[int, int]] = []
+        self.backlog_bytes = 0  # what backlog() reports: tests make a subscriber "slow" with it
+
+    def backlog(self) -> int:
+        return self.backlog_bytes
 
     def open_stream(self, unidirectional: bool) -> int:
         sid = self._next[unidirectional]

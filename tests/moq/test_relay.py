@@ -153,3 +153,33 @@ def test_datagrams_are_forwarded_with_the_subscribers_alias():
     alias = messages(ev, m.SubscribeOk)[0].track_alias
     pub.pipe.session.send_datagram(ObjectDatagram(pub.alias, Object(5, None, 0, 10, payload=b"dg")))
     assert objects(ev, alias) == [(5, 0, b"dg")]
+
+
+def test_a_slow_subscriber_skips_to_newer_groups_and_never_slows_the_others():
+    relay = Relay(max_backlog=10_000)
+    pub = Publisher(relay, Version.DRAFT_16)
+    fast, fev = connect(relay, Version.DRAFT_16, "fast")
+    slow, sev = connect(relay, Version.DRAFT_16, "slow")
+    for s in (fast, slow):
+        s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    pub.answer_subscribes()
+    relay_side_of_slow = slow.peer  # the relay's transport towards the slow subscriber
+    pub.write(0, 0)
+    pub.write(0, 1)
+    relay_side_of_slow.backlog_bytes = 20_000  # it stops acknowledging (behind, below the hard bound)
+    pub.write(0, 2)  # same group: still sent (within the hard bound)
+    pub.write(1, 0)  # a new group while behind: group 0 is abandoned, group 1 starts
+    pub.write(1, 1)
+    relay_side_of_slow.backlog_bytes = 100_000  # beyond the hard bound: even the current subgroup goes
+    pub.write(1, 2)
+    relay_side_of_slow.backlog_bytes = 0  # caught up: the next group flows again
+    pub.write(2, 0)
+
+    everything = [(g, o, f"g{g}o{o}".encode()) for g, o in
+                  [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]]
+    assert objects(fev) == everything
+    assert objects(sev) == [(0, 0, b"g0o0"), (0, 1, b"g0o1"), (0, 2, b"g0o2"), (1, 0, b"g1o0"), (1, 1, b"g1o1"),
+                            (2, 0, b"g2o0")]
+    resets = [e for e in sev if isinstance(e, StreamEnded) and e.reset_code is not None]
+    assert len(resets) == 2  # group 0's stream when it skipped ahead, group 1's at the hard bound
+    assert relay.stats.dropped_objects == 1

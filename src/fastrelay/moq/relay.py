@@ -48,7 +48,10 @@ class Downstream:
     established: bool = False
     writers: dict[tuple[int, int], SubgroupWriter] = field(default_factory=dict)  # (group, subgroup)
     sent: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, subgroup) -> last object id
+    abandoned: set[tuple[int, int]] = field(default_factory=set)  # reset because the subscriber fell behind
+    group: int = -1  # newest group started for this subscriber
     objects: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -77,14 +80,18 @@ class RelayStats:
     bytes_out: int = 0
     cache_hits: int = 0
     sessions: int = 0
+    dropped_objects: int = 0  # not sent to a subscriber that fell behind
 
 
 class Relay:
     """The relay core; call `attach(session, name)` per session and feed it the session's events."""
 
-    def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20) -> None:
+    def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20, max_backlog: int = 1 << 20) -> None:
         self.cache_groups = cache_groups
         self.cache_bytes = cache_bytes
+        # a subscriber with more than this unacknowledged skips to the next group; four times
+        # this, and even the current subgroup is reset: buffering per subscriber stays bounded
+        self.max_backlog = max_backlog
         self.peers: dict[int, Peer] = {}
         self.tracks: dict[tuple[Namespace, bytes], Track] = {}
         self.stats = RelayStats()
@@ -271,11 +278,41 @@ class Relay:
         for ds in track.subscribers:
             if not ds.established:
                 continue
+            if not self._admit(ds, obj):
+                continue
             if ev.stream_id is None:
                 ds.peer.session.send_datagram(ObjectDatagram(ds.alias, obj))
                 self._count_out(ds, obj)
             else:
                 self._send(ds, obj, fin=False)
+
+    def _admit(self, ds: Downstream, obj: Object) -> bool:
+        """Whether a live object goes to this subscriber; a subscriber that fell behind skips
+        to newer groups (its older subgroup streams are reset, never left with holes)."""
+        key = (obj.group_id, obj.subgroup_id or 0)
+        backlog = ds.peer.session.transport.backlog()
+        if obj.group_id > ds.group:
+            if backlog > self.max_backlog and ds.writers:
+                for old in [k for k in ds.writers if k[0] < obj.group_id]:
+                    ds.writers.pop(old).reset()
+                    ds.abandoned.add(old)
+                log.info("%s is %d bytes behind on %s: skipped to group %d", ds.peer.name, backlog,
+                         ds.track.label, obj.group_id)
+            ds.group = obj.group_id
+        if key in ds.abandoned or (obj.group_id < ds.group and key not in ds.writers and key not in ds.sent):
+            return self._drop(ds)
+        if backlog > 4 * self.max_backlog:
+            writer = ds.writers.pop(key, None)
+            if writer is not None:
+                writer.reset()
+            ds.abandoned.add(key)
+            return self._drop(ds)
+        return True
+
+    def _drop(self, ds: Downstream) -> bool:
+        ds.dropped += 1
+        self.stats.dropped_objects += 1
+        return False
 
     def _send(self, ds: Downstream, obj: Object, fin: bool) -> None:
         key = (obj.group_id, obj.subgroup_id or 0)

@@ -23,6 +23,8 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from .internals import send_backlog
+
 log = logging.getLogger("fastrelay.quic")
 
 MAX_DATAGRAM_FRAME = 65536
@@ -99,6 +101,10 @@ class QuicLink(QuicConnectionProtocol):
     def peer_address(self) -> tuple[str, int] | None:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
         return (addr[0], addr[1]) if addr else None
+
+    def backlog(self) -> int:
+        """Bytes written and not yet acknowledged by the peer."""
+        return send_backlog(self._quic)
 
     def open_stream(self, unidirectional: bool) -> int:
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
