@@ -78,18 +78,24 @@ def test_two_subscribers_one_upstream_subscription_late_join_and_teardown(versio
     pub.write(1, 0)
     pub.write(1, 1)
 
-    # a late joiner: no second upstream SUBSCRIBE, and the latest group from the cache first
+    # a late joiner: no second upstream SUBSCRIBE; the subscription starts after the largest
+    # object, and a relative joining FETCH brings the current group's start from the cache
     s2, ev2 = connect(relay, version, "s2")
     s2.session.send(m.Subscribe(s2.session.next_request_id(), NS, TRACK))
     assert pub.answer_subscribes() == 0
     ok2 = messages(ev2, m.SubscribeOk)[0]
     assert ok2.params.largest_object.group == 1 and ok2.params.largest_object.object == 1
+    s2.session.send(m.Fetch(s2.session.next_request_id(), m.FetchType.RELATIVE_JOINING,
+                            joining_request_id=ok2.request_id, joining_start=0))
+    fetch_ok = messages(ev2, m.FetchOk)[0]
+    assert fetch_ok.end_location.group == 1 and fetch_ok.end_location.object == 2
     pub.write(1, 2, fin=True)
     pub.write(2, 0, fin=True)
 
     assert objects(ev1, ok1.track_alias) == [(0, 0, b"g0o0"), (0, 1, b"g0o1"), (0, 2, b"g0o2"), (1, 0, b"g1o0"),
                                              (1, 1, b"g1o1"), (1, 2, b"g1o2"), (2, 0, b"g2o0")]
-    assert objects(ev2, ok2.track_alias) == [(1, 0, b"g1o0"), (1, 1, b"g1o1"), (1, 2, b"g1o2"), (2, 0, b"g2o0")]
+    assert objects(ev2) == [(1, 0, b"g1o0"), (1, 1, b"g1o1"), (1, 2, b"g1o2"), (2, 0, b"g2o0")]
+    assert objects(ev2, ok2.track_alias) == [(1, 2, b"g1o2"), (2, 0, b"g2o0")]  # the rest came by FETCH
     assert any(isinstance(e, StreamEnded) and e.reset_code is None for e in ev2)
     assert relay.stats.cache_hits == 2
 
@@ -183,3 +189,29 @@ def test_a_slow_subscriber_skips_to_newer_groups_and_never_slows_the_others():
     resets = [e for e in sev if isinstance(e, StreamEnded) and e.reset_code is not None]
     assert len(resets) == 2  # group 0's stream when it skipped ahead, group 1's at the hard bound
     assert relay.stats.dropped_objects == 1
+
+
+def test_standalone_fetch_and_fetch_errors():
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    pub.answer_subscribes()
+    for g in range(3):
+        for o in range(2):
+            pub.write(g, o)
+    from fastrelay.moq.wire import Location
+
+    ev.clear()
+    s.session.send(m.Fetch(s.session.next_request_id(), m.FetchType.STANDALONE, NS, TRACK,
+                           Location(0, 1), Location(2, 1)))  # end is exclusive: up to (2, 0)
+    assert objects(ev) == [(0, 1, b"g0o1"), (1, 0, b"g1o0"), (1, 1, b"g1o1"), (2, 0, b"g2o0")]
+    s.session.send(m.Fetch(s.session.next_request_id(), m.FetchType.STANDALONE, NS, TRACK,
+                           Location(1, 0), Location(1, 0)))  # object 0: the whole group
+    assert objects(ev)[-2:] == [(1, 0, b"g1o0"), (1, 1, b"g1o1")]
+    s.session.send(m.Fetch(s.session.next_request_id(), m.FetchType.STANDALONE, NS, b"nope",
+                           Location(0, 0), Location(1, 0)))
+    assert messages(ev, m.RequestError)[-1].error_code == m.RequestErrorCode.DOES_NOT_EXIST
+    s.session.send(m.Fetch(s.session.next_request_id(), m.FetchType.RELATIVE_JOINING,
+                           joining_request_id=99, joining_start=0))
+    assert messages(ev, m.RequestError)[-1].error_code == m.RequestErrorCode.INVALID_JOINING_REQUEST_ID

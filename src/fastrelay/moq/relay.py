@@ -2,10 +2,11 @@
 cache and late join. It reacts to session events and calls session methods; it opens no
 sockets and keeps no timers, so tests can drive it with in-memory sessions.
 
-Forwarding keeps one downstream subgroup stream per (subscriber, group, subgroup): objects
-arrive on it in order, whether they come from the cache (a late joiner's replay of the
-latest group) or live from the publisher, and each object is sent to a subscriber at most
-once.
+Forwarding keeps one downstream subgroup stream per (subscriber, group, subgroup), in object
+order. As in the draft, a SUBSCRIBE delivers objects published after it (per its filter);
+the past comes from the cache through FETCH: a late joiner that wants the current group
+from its start sends a relative joining FETCH (start 0), which is contiguous with its
+subscription and does not overlap it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from . import messages as m
 from .cache import CachedObject, TrackCache
 from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
-from .params import MessageParams
+from .params import FilterType, MessageParams
 from .session import Closed, Event, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded, SubgroupWriter
 from .wire import Location, render_name
 
@@ -49,6 +50,10 @@ class Downstream:
     writers: dict[tuple[int, int], SubgroupWriter] = field(default_factory=dict)  # (group, subgroup)
     sent: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, subgroup) -> last object id
     abandoned: set[tuple[int, int]] = field(default_factory=set)  # reset because the subscriber fell behind
+    params: MessageParams = field(default_factory=MessageParams)
+    start: Location = Location(0, 0)  # first location the subscription delivers
+    end_group: int | None = None  # AbsoluteRange: last group delivered
+    largest: Location | None = None  # the track's largest location when the subscription began
     group: int = -1  # newest group started for this subscriber
     objects: int = 0
     dropped: int = 0
@@ -157,7 +162,7 @@ class Relay:
             publisher.requests[rid] = track
             publisher.session.send(m.Subscribe(rid, msg.track_namespace, msg.track_name,
                                                MessageParams(forward=True)))
-        ds = Downstream(sub, msg.request_id, next(sub.aliases), track)
+        ds = Downstream(sub, msg.request_id, next(sub.aliases), track, params=msg.params)
         sub.downstream[msg.request_id] = ds
         track.subscribers.append(ds)
         if track.live:
@@ -213,14 +218,52 @@ class Relay:
                 self._accept(ds)
 
     def _accept(self, ds: Downstream) -> None:
-        """SUBSCRIBE_OK, then the latest cached group (late join), then live objects."""
+        """SUBSCRIBE_OK; the subscription then delivers what is published from its start on."""
         largest = ds.track.cache.largest()
+        after = Location(largest.group, largest.object + 1) if largest else Location(0, 0)
+        f = ds.params.subscription_filter
+        if f is None or f.filter_type == FilterType.LARGEST_OBJECT:
+            ds.start = after
+        elif f.filter_type == FilterType.NEXT_GROUP_START:
+            ds.start = Location(largest.group + 1, 0) if largest else Location(0, 0)
+        else:  # absolute: never the past (that is FETCH's job)
+            ds.start = max(f.start_location, after)
+            ds.end_group = f.end_group
+        ds.largest = largest
         ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=largest)))
         ds.established = True
-        if largest is not None:
-            for obj in ds.track.cache.group(largest.group):
-                self.stats.cache_hits += 1
-                self._send(ds, _from_cache(obj), fin=False)
+
+    def _on_Fetch(self, peer: Peer, msg: m.Fetch) -> None:
+        """Answer a FETCH from the cache: FETCH_OK, then one fetch stream in location order."""
+        def refuse(code: int, reason: str) -> None:
+            peer.session.send(m.RequestError(msg.request_id, code, 0, reason, m.RequestKind.FETCH))
+
+        if msg.fetch_type == m.FetchType.STANDALONE:
+            track = self.tracks.get((msg.track_namespace, msg.track_name))
+            if track is None:
+                return refuse(m.RequestErrorCode.DOES_NOT_EXIST, "track not known here")
+            start, end = msg.start_location, msg.end_location
+            last = Location(end.group, (1 << 62) - 1) if end.object == 0 else Location(end.group, end.object - 1)
+        else:
+            ds = peer.downstream.get(msg.joining_request_id)
+            if ds is None:
+                return refuse(m.RequestErrorCode.INVALID_JOINING_REQUEST_ID, "no such subscription")
+            if ds.largest is None:
+                return refuse(m.RequestErrorCode.INVALID_RANGE, "nothing published before the subscription")
+            track, last = ds.track, ds.largest
+            group = ds.largest.group - msg.joining_start if msg.fetch_type == m.FetchType.RELATIVE_JOINING \
+                else msg.joining_start
+            start = Location(max(group, 0), 0)
+        objects = list(track.cache.range(start, last))
+        if not objects:
+            return refuse(m.RequestErrorCode.INVALID_RANGE, "nothing cached in that range")
+        end_loc = objects[-1].location
+        peer.session.send(m.FetchOk(msg.request_id, False, Location(end_loc.group, end_loc.object + 1)))
+        writer = peer.session.open_fetch(msg.request_id)
+        for obj in objects:
+            writer.write(_from_cache(obj))
+        writer.finish()
+        self.stats.cache_hits += len(objects)
 
     def _drop_downstream(self, ds: Downstream) -> None:
         for w in ds.writers.values():
@@ -290,6 +333,9 @@ class Relay:
         """Whether a live object goes to this subscriber; a subscriber that fell behind skips
         to newer groups (its older subgroup streams are reset, never left with holes)."""
         key = (obj.group_id, obj.subgroup_id or 0)
+        if Location(obj.group_id, obj.object_id) < ds.start or (ds.end_group is not None and
+                                                                 obj.group_id > ds.end_group):
+            return False  # before the subscription's start (or after its end): not part of it
         backlog = ds.peer.session.transport.backlog()
         if obj.group_id > ds.group:
             if backlog > self.max_backlog and ds.writers:
@@ -321,8 +367,6 @@ class Relay:
             return  # already sent (from the cache)
         writer = ds.writers.get(key)
         if writer is None:
-            if last is None and key[0] < self._join_floor(ds):
-                return
             # extensions on: later objects of the subgroup may carry some (one byte per object)
             header = subgroup_header_for(ds.alias, obj.group_id, key[1], obj.object_id,
                                          publisher_priority=obj.publisher_priority or 128,
@@ -333,10 +377,6 @@ class Relay:
         self._count_out(ds, obj)
         if fin:
             ds.writers.pop(key, None)
-
-    def _join_floor(self, ds: Downstream) -> int:
-        """Groups older than what a subscriber started with are not opened for it."""
-        return min((g for g, _ in ds.sent), default=0)
 
     def _count_out(self, ds: Downstream, obj: Object) -> None:
         ds.objects += 1

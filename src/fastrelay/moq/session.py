@@ -28,6 +28,8 @@ from .data import (
     SubgroupHeader,
     decode_datagram,
     encode_datagram,
+    encode_fetch_header,
+    encode_fetch_object,
     encode_subgroup_header,
     encode_subgroup_object,
 )
@@ -127,6 +129,23 @@ class SubgroupWriter:
             self.done = True
 
 
+class FetchWriter:
+    """Writes one fetch stream: FETCH_HEADER, then objects in the response's order."""
+
+    def __init__(self, session: MoqtSession, request_id: int) -> None:
+        self._s = session
+        self.stream_id = session.transport.open_stream(unidirectional=True)
+        self._prev: Object | None = None
+        session.transport.send(self.stream_id, encode_fetch_header(FetchHeader(request_id)))
+
+    def write(self, obj: Object) -> None:
+        self._s.transport.send(self.stream_id, encode_fetch_object(obj, self._prev, self._s.version))
+        self._prev = obj
+
+    def finish(self) -> None:
+        self._s.transport.send(self.stream_id, b"", fin=True)
+
+
 class MoqtSession:
     """One MoQT session over one QUIC connection."""
 
@@ -187,6 +206,9 @@ class MoqtSession:
     # ---- data out
     def open_subgroup(self, header: SubgroupHeader) -> SubgroupWriter:
         return SubgroupWriter(self, header)
+
+    def open_fetch(self, request_id: int) -> FetchWriter:
+        return FetchWriter(self, request_id)
 
     def send_datagram(self, dg: ObjectDatagram) -> None:
         self.transport.send_datagram(encode_datagram(dg, self.version))

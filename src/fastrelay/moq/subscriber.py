@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..media import loc
 from ..media.writer import AnnexBWriter
 from . import messages as m
+from .data import FetchHeader
 from .endpoint import MoqtClient
 from .params import MessageParams, Version
 from .session import Closed, MessageReceived, ObjectReceived
@@ -114,6 +115,14 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
         alias = reply.track_alias
+        fetch_id = None
+        if reply.params.largest_object is not None:
+            # joined mid-track: the current group from its start comes from the relay's cache
+            # (a relative joining FETCH is contiguous with the subscription, no overlap)
+            fetched = await client.request(lambda rid: m.Fetch(rid, m.FetchType.RELATIVE_JOINING,
+                                                               joining_request_id=reply.request_id,
+                                                               joining_start=0))
+            fetch_id = fetched.request_id if isinstance(fetched, m.FetchOk) else None
         deadline = time.monotonic() + duration if duration else None
         next_report, last_objects = time.monotonic() + 1.0, 0
         while True:
@@ -133,7 +142,9 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                     result.ended = "duration"
                     break
                 continue
-            if isinstance(ev, ObjectReceived) and ev.track_alias == alias:
+            if isinstance(ev, ObjectReceived) and (
+                    ev.track_alias == alias
+                    or (isinstance(ev.header, FetchHeader) and ev.header.request_id == fetch_id)):
                 obj = ev.object
                 key = (obj.group_id, obj.object_id)
                 if key in seen:
