@@ -51,7 +51,7 @@ class Downstream:
     sent: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, subgroup) -> last object id
     abandoned: set[tuple[int, int]] = field(default_factory=set)  # reset because the subscriber fell behind
     params: MessageParams = field(default_factory=MessageParams)
-    start: Location = Location(0, 0)  # first location the subscription delivers
+    start: Location = field(default_factory=lambda: Location(0, 0))  # first location delivered
     end_group: int | None = None  # AbsoluteRange: last group delivered
     largest: Location | None = None  # the track's largest location when the subscription began
     group: int = -1  # newest group started for this subscriber
