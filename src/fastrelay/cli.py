@@ -222,9 +222,9 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import udp_fanout
+    from .bench import moq, udp_fanout
 
-    return udp_fanout.main(args)
+    return (moq if args.what == "moq" else udp_fanout).main(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -306,13 +306,15 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--progress", action="store_true", help="print a JSON progress line every second")
 
     be = sub.add_parser("bench", help="benchmarks (kernel vs userspace, one run)")
-    be.add_argument("what", choices=("udp-fanout",))
+    be.add_argument("what", choices=("udp-fanout", "moq"))
     be.add_argument("--quick", action="store_true", help="short run (< 60 s)")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16,64)")
     be.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
     be.add_argument("--write", metavar="FILE", help="append result rows to this markdown file (BENCHMARKS.md)")
     be.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    be.add_argument("--rate", type=float, default=500.0, help="moq: objects per second published")
+    be.add_argument("--size", type=int, default=1200, help="moq: object size in bytes")
     be.set_defaults(fn=_bench)
     return p
 

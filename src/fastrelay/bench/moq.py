@@ -1,0 +1,147 @@
+"""`fastrelay bench moq`: the MoQT relay under load, side by side with another relay.
+
+Per fan-out, one run: a relay process, a publisher process sending synthetic objects at a
+fixed rate, and one process holding N subscriber sessions. Reported per case: delivered
+objects/s, end-to-end latency p50/p99 (subscriber clock minus the publisher's send-time
+extension, same host), relay CPU per delivered object (schedstat of the relay process) and
+objects lost. Relays: fastrelay (userspace data path) and, where installed, aiomoqt's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..lab.cpu import process_cpu_s
+from .report import replace_section, table
+
+NS, TRACK = "bench/moq", "synthetic"
+
+
+@dataclass
+class MoqCase:
+    relay: str
+    fanout: int
+    objects_per_s: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    cpu_ms_per_object: float | None
+    lost: int
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relay_command(name: str, port: int, state: str) -> list[str]:
+    if name == "fastrelay":
+        return [sys.executable, "-m", "fastrelay", "relay", f"moqt://127.0.0.1:{port}", "--state-dir", state]
+    raise ValueError(f"unknown relay {name!r}")
+
+
+def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float) -> MoqCase:
+    port = _free_port()
+    url = f"moqt://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as state:
+        rproc = subprocess.Popen(relay_command(relay, port, state), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        procs = [rproc]
+        try:
+            time.sleep(1.5)
+            pub = subprocess.Popen([sys.executable, "-m", "fastrelay", "publish", url, "-N", NS, "-T", TRACK,
+                                    "--source", "synthetic", "--fps", str(rate), "--object-size", str(size),
+                                    "--gop", "30", "--duration", str(seconds), "--wait", "15"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(pub)
+            time.sleep(0.5)
+            subs = subprocess.Popen([sys.executable, "-m", "fastrelay.bench.moq", "--subscribers", str(fanout),
+                                     "--url", url, "--seconds", str(seconds + 10)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(subs)
+            cpu0 = process_cpu_s(rproc.pid)
+            pub_out, _ = pub.communicate(timeout=seconds + 60)
+            sent = json.loads(pub_out.strip().splitlines()[-1])
+            cpu1 = process_cpu_s(rproc.pid)
+            sub_out, _ = subs.communicate(timeout=seconds + 60)
+            results = json.loads(sub_out.strip().splitlines()[-1])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    delivered = sum(r["objects"] for r in results)
+    lat = sorted(x for r in results for x in r["latencies"])
+    return MoqCase(relay, fanout, delivered / seconds,
+                   lat[len(lat) // 2] if lat else None, lat[int(0.99 * (len(lat) - 1))] if lat else None,
+                   (cpu1 - cpu0) * 1e3 / delivered if delivered else None,
+                   sent["objects"] * fanout - delivered)
+
+
+async def _subscribers(url: str, n: int, seconds: float) -> list[dict]:
+    from ..moq.subscriber import subscribe
+
+    async def one() -> dict:
+        r = await subscribe(url, tuple(f.encode() for f in NS.split("/")), TRACK.encode(), codec="raw",
+                            duration=seconds)
+        return {"objects": r.objects, "latencies": r.latencies_ms}
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def main(args: argparse.Namespace) -> int:
+    fanouts = [int(x) for x in (args.fanouts or ("1,4" if args.quick else "1,4,16")).split(",")]
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    relays = ["fastrelay"]
+    cases = []
+    for relay in relays:
+        for fanout in fanouts:
+            c = run_case(relay, fanout, rate=args.rate, size=args.size, seconds=seconds)
+            cases.append(c)
+            print(f"  {c.relay:10} fanout {c.fanout:3}  objects/s {c.objects_per_s:8.0f}  p50 {c.latency_p50_ms} ms"
+                  f"  p99 {c.latency_p99_ms} ms  cpu {c.cpu_ms_per_object} ms/object  lost {c.lost}",
+                  file=sys.stderr)
+    if args.write:
+        rows = [[c.relay, c.fanout, f"{c.objects_per_s:.0f}", _f(c.latency_p50_ms), _f(c.latency_p99_ms),
+                 _f(c.cpu_ms_per_object, 4), c.lost] for c in cases]
+        body = "\n".join([
+            "## MoQT relay (userspace data path)",
+            "",
+            f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} CPUs), synthetic objects of "
+            f"{args.size} bytes at {args.rate:g}/s, {seconds:g} s per case, publisher, relay and subscribers on "
+            "one host (loopback), one run:",
+            "",
+            "    " + "fastrelay bench moq " + " ".join(sys.argv[3:]),
+            "",
+            table(["relay", "fan-out", "objects/s delivered", "latency p50 ms", "latency p99 ms",
+                   "relay CPU ms/object", "lost"], rows),
+        ])
+        replace_section(Path(args.write), "moq", body)
+    if args.json:
+        print(json.dumps({"cases": [asdict(c) for c in cases]}))
+    return 0
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+if __name__ == "__main__":  # the subscriber-side process of a case
+    p = argparse.ArgumentParser()
+    p.add_argument("--subscribers", type=int, required=True)
+    p.add_argument("--url", required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    a = p.parse_args()
+    print(json.dumps(asyncio.run(_subscribers(a.url, a.subscribers, a.seconds))))
