@@ -215,3 +215,26 @@ def test_standalone_fetch_and_fetch_errors():
     s.session.send(m.Fetch(s.session.next_request_id(), m.FetchType.RELATIVE_JOINING,
                            joining_request_id=99, joining_start=0))
     assert messages(ev, m.RequestError)[-1].error_code == m.RequestErrorCode.INVALID_JOINING_REQUEST_ID
+
+
+@pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
+def test_a_bare_publish_is_accepted_with_the_publishers_group_order(version):
+    relay = Relay()
+    pub, pev = connect(relay, version, "pub")
+    track_ext = ((m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, 2),)  # descending
+    pub.session.send(m.Publish(pub.session.next_request_id(), NS, TRACK, 3, track_extensions=track_ext))
+    ok = messages(pev, m.PublishOk)
+    assert len(ok) == 1 and ok[0].params.forward and int(ok[0].params.group_order) == 2
+    s, ev = connect(relay, version, "s")
+    s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    assert messages(ev, m.SubscribeOk)
+
+
+def test_an_internal_error_closes_only_that_session(monkeypatch):
+    relay = Relay()
+    a, aev = connect(relay, Version.DRAFT_16, "a")
+    b, bev = connect(relay, Version.DRAFT_16, "b")
+    monkeypatch.setattr(Relay, "_on_PublishNamespace", lambda self, peer, msg: 1 / 0)
+    a.session.send(m.PublishNamespace(a.session.next_request_id(), NS))
+    assert isinstance(aev[-1], Closed) and aev[-1].code == ErrorCode.INTERNAL_ERROR
+    assert not b.session.closed and len(relay.peers) == 1

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from . import messages as m
 from .cache import CachedObject, TrackCache
 from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
-from .params import FilterType, MessageParams
+from .params import FilterType, GroupOrder, MessageParams
 from .session import Closed, Event, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded, SubgroupWriter
-from .wire import Location, render_name
+from .wire import ErrorCode, Location, render_name
 
 log = logging.getLogger("fastrelay.relay")
 
@@ -109,6 +109,14 @@ class Relay:
         return peer
 
     def on_event(self, peer: Peer, ev: Event) -> None:
+        """Handle one session event; a failure here closes that session only (INTERNAL_ERROR)."""
+        try:
+            self._dispatch(peer, ev)
+        except Exception as exc:
+            log.exception("session %s: internal error handling %s", peer.name, type(ev).__name__)
+            peer.session.fail(ErrorCode.INTERNAL_ERROR, f"relay error: {exc}")
+
+    def _dispatch(self, peer: Peer, ev: Event) -> None:
         if isinstance(ev, ObjectReceived):
             self._object(peer, ev)
         elif isinstance(ev, StreamEnded):
@@ -141,10 +149,12 @@ class Relay:
         old = self.tracks.get(key)
         if old is not None and old.publisher is not peer:
             self._end_track(old, m.PublishDoneCode.GOING_AWAY, "another publisher took the track over")
+        # echo the publisher's group order (draft-14 PUBLISH_OK requires one)
+        order = dict(msg.track_extensions).get(m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, GroupOrder.ASCENDING)
+        peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True, group_order=GroupOrder(order))))
         track = self.tracks.get(key) or self._new_track(key, peer)
         track.upstream_request_id, track.upstream_alias, track.live = msg.request_id, msg.track_alias, True
         peer.upstream[msg.track_alias] = track
-        peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True)))
         self._establish(track)
 
     def _on_Subscribe(self, sub: Peer, msg: m.Subscribe) -> None:

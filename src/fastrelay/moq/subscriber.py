@@ -159,8 +159,9 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 now_us = time.time_ns() // 1000
                 frame = loc.unpackage(obj.extensions, obj.payload, codec=codec, group_id=obj.group_id,
                                       object_id=obj.object_id)
-                if frame.send_time_us:
-                    result.latencies_ms.append((now_us - frame.send_time_us) / 1000)
+                sent_us = frame.send_time_us or (frame.pts_us if frame.wallclock else None)
+                if sent_us:  # our private send time, else LOC's wall-clock TIMESTAMP (other publishers)
+                    result.latencies_ms.append((now_us - sent_us) / 1000)
                 reorder.add(obj.group_id, obj.object_id, frame)
             elif isinstance(ev, MessageReceived) and isinstance(ev.message, m.PublishDone):
                 result.ended = f"publish_done({ev.message.status_code})"
