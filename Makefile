@@ -14,6 +14,7 @@ test: setup
 
 bench: setup
 	$(PY) -m fastrelay bench udp-fanout --write BENCHMARKS.md --plots bench/results
+	$(PY) -m fastrelay bench moq --write BENCHMARKS.md
 
 bpf: setup
 	$(PY) -m fastrelay build
