@@ -238,3 +238,44 @@ def test_an_internal_error_closes_only_that_session(monkeypatch):
     a.session.send(m.PublishNamespace(a.session.next_request_id(), NS))
     assert isinstance(aev[-1], Closed) and aev[-1].code == ErrorCode.INTERNAL_ERROR
     assert not b.session.closed and len(relay.peers) == 1
+
+
+@pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
+def test_request_update_pauses_and_resumes_forwarding_and_track_status(version):
+    from fastrelay.moq.params import FilterType, MessageParams, SubscriptionFilter
+    from fastrelay.moq.wire import Location
+
+    relay = Relay()
+    pub = Publisher(relay, version)
+    s, ev = connect(relay, version, "s")
+    sub_id = s.session.next_request_id()
+    s.session.send(m.Subscribe(sub_id, NS, TRACK))
+    pub.answer_subscribes()
+    pub.write(0, 0)
+
+    def update(forward: bool) -> MessageParams:
+        if version == Version.DRAFT_16:
+            return MessageParams(forward=forward)
+        # draft-14 SUBSCRIBE_UPDATE always carries start, priority and forward
+        return MessageParams(forward=forward, subscriber_priority=128,
+                             subscription_filter=SubscriptionFilter(FilterType.ABSOLUTE_START, Location(0, 0)))
+
+    s.session.send(m.RequestUpdate(s.session.next_request_id(), sub_id, update(False)))
+    assert len(messages(ev, m.RequestOk)) == (1 if version == Version.DRAFT_16 else 0)  # draft-14: no reply
+    pub.write(0, 1)  # paused: not delivered
+    s.session.send(m.RequestUpdate(s.session.next_request_id(), sub_id, update(True)))
+    pub.write(0, 2)
+    assert [o[:2] for o in objects(ev)] == [(0, 0), (0, 2)]
+
+    s.session.send(m.TrackStatus(s.session.next_request_id(), NS, TRACK))
+    status = messages(ev, m.RequestOk)[-1]
+    assert status.params.largest_object.group == 0 and status.params.largest_object.object == 2
+    s.session.send(m.TrackStatus(s.session.next_request_id(), NS, b"other"))
+    assert messages(ev, m.RequestError)[-1].error_code == m.RequestErrorCode.DOES_NOT_EXIST
+
+
+def test_request_update_of_an_unknown_request_is_a_protocol_violation():
+    relay = Relay()
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    s.session.send(m.RequestUpdate(s.session.next_request_id(), 40))
+    assert isinstance(ev[-1], Closed) and ev[-1].code == ErrorCode.PROTOCOL_VIOLATION

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import messages as m
 from .cache import CachedObject, TrackCache
 from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
-from .params import FilterType, GroupOrder, MessageParams
+from .params import FilterType, GroupOrder, MessageParams, Version
 from .session import Closed, Event, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded, SubgroupWriter
 from .wire import ErrorCode, Location, render_name
 
@@ -54,6 +54,7 @@ class Downstream:
     start: Location = field(default_factory=lambda: Location(0, 0))  # first location delivered
     end_group: int | None = None  # AbsoluteRange: last group delivered
     largest: Location | None = None  # the track's largest location when the subscription began
+    forward: bool = True  # REQUEST_UPDATE with FORWARD 0 pauses delivery
     group: int = -1  # newest group started for this subscriber
     objects: int = 0
     dropped: int = 0
@@ -195,6 +196,36 @@ class Relay:
                                                 m.RequestKind.SUBSCRIBE))
             ds.peer.downstream.pop(ds.request_id, None)
         self.tracks.pop((track.namespace, track.name), None)
+
+    def _on_RequestUpdate(self, sub: Peer, msg: m.RequestUpdate) -> None:
+        ds = sub.downstream.get(msg.existing_request_id)
+        if ds is None:
+            sub.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"update of unknown request {msg.existing_request_id}")
+            return
+        p = msg.params
+        if p.forward is not None:
+            if p.forward and not ds.forward:  # resumes with what is published from now on (FETCH covers the gap)
+                largest = ds.track.cache.largest()
+                ds.start = max(ds.start, Location(largest.group, largest.object + 1)) if largest else ds.start
+            ds.forward = p.forward
+        if p.subscription_filter is not None and p.subscription_filter.end_group is not None:
+            ds.end_group = p.subscription_filter.end_group
+        ds.params = replace(ds.params, **{k: getattr(p, k) for k in p.present()})
+        if sub.session.version == Version.DRAFT_14:
+            return  # draft-14's SUBSCRIBE_UPDATE has no reply
+        sub.session.send(m.RequestOk(msg.request_id, MessageParams(largest_object=ds.track.cache.largest()),
+                                     request_kind=m.RequestKind.REQUEST_UPDATE))
+
+    def _on_TrackStatus(self, peer: Peer, msg: m.TrackStatus) -> None:
+        """Answered from the relay's own state (no upstream round trip): REQUEST_OK with what a
+        SUBSCRIBE_OK would carry for a track being relayed, else DOES_NOT_EXIST."""
+        track = self.tracks.get((msg.track_namespace, msg.track_name))
+        if track is None or not track.live:
+            peer.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
+                                             "track not being relayed", m.RequestKind.TRACK_STATUS))
+            return
+        peer.session.send(m.RequestOk(msg.request_id, MessageParams(largest_object=track.cache.largest()),
+                                      request_kind=m.RequestKind.TRACK_STATUS))
 
     def _on_Unsubscribe(self, sub: Peer, msg: m.Unsubscribe) -> None:
         ds = sub.downstream.pop(msg.request_id, None)
@@ -343,9 +374,9 @@ class Relay:
         """Whether a live object goes to this subscriber; a subscriber that fell behind skips
         to newer groups (its older subgroup streams are reset, never left with holes)."""
         key = (obj.group_id, obj.subgroup_id or 0)
-        if Location(obj.group_id, obj.object_id) < ds.start or (ds.end_group is not None and
-                                                                 obj.group_id > ds.end_group):
-            return False  # before the subscription's start (or after its end): not part of it
+        if not ds.forward or Location(obj.group_id, obj.object_id) < ds.start or (
+                ds.end_group is not None and obj.group_id > ds.end_group):
+            return False  # paused, or outside the subscription's range: not part of it
         backlog = ds.peer.session.transport.backlog()
         if obj.group_id > ds.group:
             if backlog > self.max_backlog and ds.writers:
