@@ -180,6 +180,8 @@ def _relay(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
+        if relay.goaway():  # let sessions see GOAWAY and leave before the sockets go
+            await asyncio.sleep(args.goaway_grace)
         server.close()
         print(json.dumps(relay.stats.__dict__))
 
@@ -280,6 +282,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-groups", type=int, default=8, help="groups cached per track")
     r.add_argument("--cache-bytes", type=int, default=64 << 20, help="bytes cached per track")
     r.add_argument("--state-dir", default="/run/fastrelay", help="where a generated certificate is written")
+    r.add_argument("--goaway-grace", type=float, default=1.0, metavar="S",
+                   help="on SIGTERM: send GOAWAY, wait this long, then close")
     r.add_argument("--max-backlog", type=int, default=1 << 20, metavar="BYTES",
                    help="a subscriber this far behind skips to the next group (4x: its current subgroup too)")
     r.add_argument("--metrics", metavar="[ADDR:]PORT", help="serve Prometheus metrics (text format) here")

@@ -279,3 +279,47 @@ def test_request_update_of_an_unknown_request_is_a_protocol_violation():
     s, ev = connect(relay, Version.DRAFT_16, "s")
     s.session.send(m.RequestUpdate(s.session.next_request_id(), 40))
     assert isinstance(ev[-1], Closed) and ev[-1].code == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_goaway_reaches_every_session():
+    relay = Relay()
+    evs = [connect(relay, v, f"s{i}")[1] for i, v in enumerate([Version.DRAFT_16, Version.DRAFT_14])]
+    assert relay.goaway() == 2
+    assert all(messages(ev, m.Goaway) for ev in evs)
+
+
+def test_subscribe_namespace_draft16_on_a_request_stream():
+    relay = Relay()
+    s, ev = connect(relay, Version.DRAFT_16, "watcher")
+    sid = s.session.open_request_stream(m.SubscribeNamespace(s.session.next_request_id(), (b"live",)))
+    replies = [e for e in ev if isinstance(e, MessageReceived) and e.stream_id == sid]
+    assert isinstance(replies[0].message, m.RequestOk)
+    pub = Publisher(relay, Version.DRAFT_16)  # publishes (live, cam)
+    names = [e.message for e in ev if isinstance(e, MessageReceived) and e.stream_id == sid]
+    assert isinstance(names[-1], m.Namespace) and names[-1].track_namespace_suffix == (b"cam",)
+    pub.pipe.close(0, "")
+    names = [e.message for e in ev if isinstance(e, MessageReceived) and e.stream_id == sid]
+    assert isinstance(names[-1], m.NamespaceDone) and names[-1].track_namespace_suffix == (b"cam",)
+    # an overlapping prefix on the same session is refused
+    sid2 = s.session.open_request_stream(m.SubscribeNamespace(s.session.next_request_id(), (b"live", b"cam")))
+    err = [e.message for e in ev if isinstance(e, MessageReceived) and e.stream_id == sid2]
+    assert err[0].error_code == m.RequestErrorCode.PREFIX_OVERLAP
+
+
+def test_subscribe_namespace_draft14_on_the_control_stream():
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_14)
+    s, ev = connect(relay, Version.DRAFT_14, "watcher")
+    s.session.send(m.SubscribeNamespace(s.session.next_request_id(), (b"live",)))
+    assert messages(ev, m.RequestOk)
+    announced = messages(ev, m.PublishNamespace)
+    assert announced and announced[0].track_namespace == NS
+    pub.pipe.close(0, "")
+    assert messages(ev, m.PublishNamespaceDone)[0].track_namespace == NS
+
+
+def test_a_request_stream_must_start_with_subscribe_namespace():
+    relay = Relay()
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    s.session.open_request_stream(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    assert isinstance(ev[-1], Closed) and ev[-1].code == ErrorCode.PROTOCOL_VIOLATION

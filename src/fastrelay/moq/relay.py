@@ -19,7 +19,17 @@ from . import messages as m
 from .cache import CachedObject, TrackCache
 from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
 from .params import FilterType, GroupOrder, MessageParams, Version
-from .session import Closed, Event, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded, SubgroupWriter
+from .session import (
+    Closed,
+    Event,
+    MessageReceived,
+    MoqtSession,
+    ObjectReceived,
+    Ready,
+    RequestStreamClosed,
+    StreamEnded,
+    SubgroupWriter,
+)
 from .wire import ErrorCode, Location, render_name
 
 log = logging.getLogger("fastrelay.relay")
@@ -37,7 +47,9 @@ class Peer:
     upstream: dict[int, Track] = field(default_factory=dict)  # track alias from this publisher -> track
     requests: dict[int, Track] = field(default_factory=dict)  # our request id (to this publisher) -> track
     downstream: dict[int, Downstream] = field(default_factory=dict)  # their request id -> subscription
+    ns_subs: dict[Namespace, int | None] = field(default_factory=dict)  # prefix -> request stream (None: d14)
     aliases: itertools.count = field(default_factory=itertools.count)
+    ns_requests: dict[int, Namespace] = field(default_factory=dict)  # PUBLISH_NAMESPACE request id -> namespace
 
 
 @dataclass
@@ -123,11 +135,25 @@ class Relay:
         elif isinstance(ev, StreamEnded):
             self._stream_ended(peer, ev)
         elif isinstance(ev, MessageReceived):
-            self._message(peer, ev.message)
+            if isinstance(ev.message, m.SubscribeNamespace):
+                self._subscribe_namespace(peer, ev.message, ev.stream_id)
+            else:
+                self._message(peer, ev.message)
+        elif isinstance(ev, RequestStreamClosed):
+            peer.ns_subs = {p: s for p, s in peer.ns_subs.items() if s != ev.stream_id}
         elif isinstance(ev, Closed):
             self._peer_gone(peer)
         elif isinstance(ev, Ready):
             log.info("session %s ready (%s)", peer.name, ev.version.name)
+
+    def goaway(self, new_uri: str = "") -> int:
+        """Tell every session the relay is going away (GOAWAY); returns how many were told."""
+        told = 0
+        for peer in list(self.peers.values()):
+            if peer.session.ready and not peer.session.closed:
+                peer.session.send(m.Goaway(new_uri))
+                told += 1
+        return told
 
     # ---- control
     def _message(self, peer: Peer, msg: m.Message) -> None:
@@ -139,11 +165,61 @@ class Relay:
 
     def _on_PublishNamespace(self, peer: Peer, msg: m.PublishNamespace) -> None:
         peer.namespaces.add(msg.track_namespace)
+        peer.ns_requests[msg.request_id] = msg.track_namespace
         peer.session.send(m.RequestOk(msg.request_id, request_kind=m.RequestKind.PUBLISH_NAMESPACE))
         log.info("%s publishes namespace %s", peer.name, render_name(msg.track_namespace))
+        self._tell_namespace_subscribers(msg.track_namespace, peer, gone=False)
 
     def _on_PublishNamespaceDone(self, peer: Peer, msg: m.PublishNamespaceDone) -> None:
-        peer.namespaces = {ns for ns in peer.namespaces if ns != msg.track_namespace}
+        ns = msg.track_namespace if msg.track_namespace is not None else peer.ns_requests.get(msg.request_id)
+        if ns in peer.namespaces:
+            peer.namespaces.discard(ns)
+            self._tell_namespace_subscribers(ns, peer, gone=True)
+
+    def _subscribe_namespace(self, peer: Peer, msg: m.SubscribeNamespace, stream_id: int | None) -> None:
+        """Reply, then name every matching published namespace now and as they come and go
+        (draft-16: NAMESPACE / NAMESPACE_DONE on the request stream; draft-14: PUBLISH_NAMESPACE
+        and PUBLISH_NAMESPACE_DONE on the control stream)."""
+        prefix = msg.track_namespace_prefix
+        kind = m.RequestKind.SUBSCRIBE_NAMESPACE
+
+        def reply(answer: m.Message, fin: bool = False) -> None:
+            if stream_id is None:
+                peer.session.send(answer)
+            else:
+                peer.session.send_on(stream_id, answer, fin)
+
+        if any(p[: len(prefix)] == prefix or prefix[: len(p)] == p for p in peer.ns_subs):
+            reply(m.RequestError(msg.request_id, m.RequestErrorCode.PREFIX_OVERLAP, 0, "overlapping prefix", kind),
+                  fin=True)
+            return
+        peer.ns_subs[prefix] = stream_id
+        reply(m.RequestOk(msg.request_id, request_kind=kind))
+        if msg.subscribe_options == m.SubscribeOptions.PUBLISH:
+            return  # only PUBLISH messages wanted: tracks are not pushed by this relay
+        for other in list(self.peers.values()):
+            if other is not peer:
+                for ns in sorted(other.namespaces):
+                    if ns[: len(prefix)] == prefix:
+                        self._tell(peer, prefix, ns, gone=False)
+
+    def _tell_namespace_subscribers(self, ns: Namespace, publisher: Peer, gone: bool) -> None:
+        for peer in list(self.peers.values()):
+            if peer is publisher or peer.session.closed:
+                continue
+            for prefix in list(peer.ns_subs):
+                if ns[: len(prefix)] == prefix:
+                    self._tell(peer, prefix, ns, gone)
+
+    def _tell(self, peer: Peer, prefix: Namespace, ns: Namespace, gone: bool) -> None:
+        stream_id = peer.ns_subs[prefix]
+        if stream_id is not None:  # draft-16
+            suffix = ns[len(prefix):]
+            peer.session.send_on(stream_id, m.NamespaceDone(suffix) if gone else m.Namespace(suffix))
+        elif gone:
+            peer.session.send(m.PublishNamespaceDone(0, track_namespace=ns))
+        else:
+            peer.session.send(m.PublishNamespace(peer.session.next_request_id(), ns))
 
     def _on_Publish(self, peer: Peer, msg: m.Publish) -> None:
         key = (msg.track_namespace, msg.track_name)
@@ -337,6 +413,8 @@ class Relay:
 
     def _peer_gone(self, peer: Peer) -> None:
         self.peers.pop(id(peer.session), None)
+        for ns in list(peer.namespaces):
+            self._tell_namespace_subscribers(ns, peer, gone=True)
         for track in [t for t in self.tracks.values() if t.publisher is peer]:
             self._end_track(track, m.PublishDoneCode.GOING_AWAY, f"publisher {peer.name} went away")
         for ds in list(peer.downstream.values()):

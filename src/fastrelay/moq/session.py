@@ -63,7 +63,18 @@ class Ready:
 
 @dataclass(frozen=True)
 class MessageReceived:
+    """A control message; `stream_id` is set when it came on a request stream (a bidirectional
+    stream of its own, as draft-16 uses for SUBSCRIBE_NAMESPACE) rather than the control stream."""
+
     message: m.Message
+    stream_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestStreamClosed:
+    """The peer ended a request stream (FIN or reset): the request it carried is over."""
+
+    stream_id: int
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class Closed:
     by_peer: bool
 
 
-Event = Ready | MessageReceived | ObjectReceived | StreamEnded | Closed
+Event = Ready | MessageReceived | RequestStreamClosed | ObjectReceived | StreamEnded | Closed
 
 
 class SubgroupWriter:
@@ -163,6 +174,8 @@ class MoqtSession:
         self.control_stream: int | None = None
         self._control = m.ControlStreamParser(self.version)
         self._data: dict[int, DataStreamParser] = {}
+        self._requests: dict[int, m.ControlStreamParser] = {}  # request streams (draft-16)
+        self._requests_opened: set[int] = set()  # peer-opened request streams whose request arrived
         # request IDs: ours are even for a client, odd for a server; the peer's the other parity
         self._next_request_id = 0 if client else 1
         self._peer_next_request_id = 1 if client else 0
@@ -207,6 +220,22 @@ class MoqtSession:
     def open_subgroup(self, header: SubgroupHeader) -> SubgroupWriter:
         return SubgroupWriter(self, header)
 
+    def open_request_stream(self, msg: m.Message) -> int:
+        """Send a request on a new bidirectional stream of its own; replies arrive as
+        MessageReceived with that stream_id."""
+        sid = self.transport.open_stream(unidirectional=False)
+        self._requests[sid] = m.ControlStreamParser(self.version)
+        self.transport.send(sid, m.encode_message(msg, self.version))
+        return sid
+
+    def send_on(self, stream_id: int, msg: m.Message, fin: bool = False) -> None:
+        """Send a message on a request stream."""
+        self.transport.send(stream_id, m.encode_message(msg, self.version), fin)
+
+    def end_request_stream(self, stream_id: int) -> None:
+        if self._requests.pop(stream_id, None) is not None:
+            self.transport.send(stream_id, b"", fin=True)
+
     def open_fetch(self, request_id: int) -> FetchWriter:
         return FetchWriter(self, request_id)
 
@@ -244,6 +273,8 @@ class MoqtSession:
             self._emit(StreamEnded(stream_id, parser.header, code))
         elif stream_id == self.control_stream:
             self.fail(ErrorCode.PROTOCOL_VIOLATION, "control stream reset")
+        elif self._requests.pop(stream_id, None) is not None:
+            self._emit(RequestStreamClosed(stream_id))
 
     def stop_sending(self, stream_id: int, code: int) -> None:
         """The peer no longer wants a stream we send on (e.g. it unsubscribed)."""
@@ -280,11 +311,32 @@ class MoqtSession:
         if self.control_stream is None and not self.client and stream_id & 0x1 == 0:
             self.control_stream = stream_id  # the client's first bidirectional stream
         if stream_id != self.control_stream:
-            raise violation(f"unexpected bidirectional stream {stream_id}")
+            self._request_data(stream_id, data, fin)
+            return
         if fin:
             raise violation("control stream closed")
         for msg in self._control.feed(data):
             self._on_control(msg)
+
+    def _request_data(self, stream_id: int, data: bytes, fin: bool) -> None:
+        """A request stream: draft-16 only, opened by the peer for SUBSCRIBE_NAMESPACE, or one we opened."""
+        peer_opened = (stream_id & 0x1) == (1 if self.client else 0)
+        parser = self._requests.get(stream_id)
+        if parser is None:
+            if not (self.ready and peer_opened and self.version == Version.DRAFT_16):
+                raise violation(f"unexpected bidirectional stream {stream_id}")
+            parser = self._requests[stream_id] = m.ControlStreamParser(self.version)
+        for msg in parser.feed(data):
+            if peer_opened and stream_id not in self._requests_opened:
+                if not isinstance(msg, m.SubscribeNamespace):
+                    raise violation(f"{type(msg).__name__} cannot open a request stream")
+                self._check_peer_request(msg.request_id)
+                self._requests_opened.add(stream_id)
+            self._emit(MessageReceived(msg, stream_id))
+        if fin:
+            self._requests.pop(stream_id, None)
+            self._requests_opened.discard(stream_id)
+            self._emit(RequestStreamClosed(stream_id))
 
     def _on_control(self, msg: m.Message) -> None:
         if not self.ready:
