@@ -1067,18 +1067,17 @@ _NAMESPACE_MAX = _VARINT + NAMESPACE_FIELDS_MAX * _VARINT + FULL_NAME_MAX
 
 
 @dataclass(frozen=True, slots=True)
-class Namespace(Message):
-    """NAMESPACE (draft-16 only; sent on a SUBSCRIBE_NAMESPACE stream)."""
+class _NamespaceSuffixMessage(Message):
+    """A draft-16 message that carries only a namespace suffix (on a SUBSCRIBE_NAMESPACE stream)."""
 
     track_namespace_suffix: tuple[bytes, ...]
-    TYPES: ClassVar = {D16: (0x08,)}
 
     def __post_init__(self) -> None:
         _freeze(self, "track_namespace_suffix")
 
     def _encode(self, w: Writer, v: Version) -> int:
         _w_namespace(w, self.track_namespace_suffix, v, empty_ok=True)
-        return 0x08
+        return self.TYPES[D16][0]
 
     @classmethod
     def _decode(cls, r: Reader, v: Version, msg_type: int) -> Self:
@@ -1087,6 +1086,13 @@ class Namespace(Message):
     @classmethod
     def max_payload(cls, v: Version, msg_type: int) -> int:
         return _NAMESPACE_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace(_NamespaceSuffixMessage):
+    """NAMESPACE (draft-16 only)."""
+
+    TYPES: ClassVar = {D16: (0x08,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1121,26 +1127,10 @@ class PublishNamespaceDone(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class NamespaceDone(Message):
-    """NAMESPACE_DONE (draft-16 only; sent on a SUBSCRIBE_NAMESPACE stream)."""
+class NamespaceDone(_NamespaceSuffixMessage):
+    """NAMESPACE_DONE (draft-16 only)."""
 
-    track_namespace_suffix: tuple[bytes, ...]
     TYPES: ClassVar = {D16: (0x0E,)}
-
-    def __post_init__(self) -> None:
-        _freeze(self, "track_namespace_suffix")
-
-    def _encode(self, w: Writer, v: Version) -> int:
-        _w_namespace(w, self.track_namespace_suffix, v, empty_ok=True)
-        return 0x0E
-
-    @classmethod
-    def _decode(cls, r: Reader, v: Version, msg_type: int) -> Self:
-        return cls(_r_namespace(r, v, empty_ok=True))
-
-    @classmethod
-    def max_payload(cls, v: Version, msg_type: int) -> int:
-        return _NAMESPACE_MAX
 
 
 @dataclass(frozen=True, slots=True)
