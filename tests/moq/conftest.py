@@ -17,9 +17,13 @@ class Pipe:
         self.closed_with: tuple[int, str] | None = None
         self.stopped: list[tuple[int, int]] = []
         self.backlog_bytes = 0  # what backlog() reports: tests make a subscriber "slow" with it
+        self.window_bytes = 1 << 30
 
     def backlog(self) -> int:
         return self.backlog_bytes
+
+    def send_window(self) -> int:
+        return self.window_bytes
 
     def open_stream(self, unidirectional: bool) -> int:
         sid = self._next[unidirectional]

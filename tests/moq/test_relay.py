@@ -323,3 +323,53 @@ def test_a_request_stream_must_start_with_subscribe_namespace():
     s, ev = connect(relay, Version.DRAFT_16, "s")
     s.session.open_request_stream(m.Subscribe(s.session.next_request_id(), NS, TRACK))
     assert isinstance(ev[-1], Closed) and ev[-1].code == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_objects_leave_in_the_drafts_priority_order():
+    from fastrelay.moq.params import GroupOrder, MessageParams
+
+    relay = Relay(max_backlog=1 << 30)
+    pub = Publisher(relay, Version.DRAFT_16)
+    s, ev = connect(relay, Version.DRAFT_16, "s")
+    low = s.session.next_request_id()
+    s.session.send(m.Subscribe(low, NS, TRACK, MessageParams(subscriber_priority=200)))
+    pub.answer_subscribes()
+    relay_side = s.peer
+    relay_side.window_bytes = 0  # the connection can take nothing: everything queues in the relay
+
+    def write(group: int, subgroup: int, obj: int, prio: int) -> None:
+        header = subgroup_header_for(pub.alias, group, subgroup, obj, publisher_priority=prio,
+                                     version=Version.DRAFT_16, extensions=True)
+        w = pub.pipe.session.open_subgroup(header)
+        w.write(Object(group, subgroup, obj, prio, extensions=[(2, 1)], payload=f"g{group}o{obj}".encode()),
+                fin=True)
+
+    for g in range(2):
+        write(g, 0, 0, 0x10)  # keyframe subgroup: more important
+        write(g, 1, 1, 0x80)  # dependent frames
+    assert objects(ev) == []
+    relay_side.window_bytes = 1 << 30
+    relay.pump(relay.peers[id(relay_side.session)])
+    assert [o[:2] for o in objects(ev)] == [(0, 0), (1, 0), (0, 1), (1, 1)]  # publisher priority first
+
+    # a second subscription on the same session, more important to this subscriber, descending groups
+    ev.clear()
+    relay_side.window_bytes = 0
+    s2 = relay.peers[id(relay_side.session)]
+    assert s2.queue == []
+    track2 = b"audio"
+    pub.pipe.session.send(m.PublishNamespace(pub.pipe.session.next_request_id(), (*NS, b"a")))
+    s.session.send(m.Subscribe(s.session.next_request_id(), (*NS, b"a"), track2,
+                               MessageParams(subscriber_priority=10, group_order=GroupOrder.DESCENDING)))
+    sub2 = messages(pub.events, m.Subscribe)[-1]
+    pub.pipe.session.send(m.SubscribeOk(sub2.request_id, 77))
+    for g in (2, 3):
+        write(g, 0, 0, 0x10)  # on the video track (alias 42), subscriber priority 200
+    for g in (2, 3):
+        header = subgroup_header_for(77, g, 0, 0, publisher_priority=0x80, version=Version.DRAFT_16,
+                                     extensions=True)
+        w = pub.pipe.session.open_subgroup(header)
+        w.write(Object(g, 0, 0, 0x80, extensions=[(2, 1)], payload=f"a{g}".encode()), fin=True)
+    relay_side.window_bytes = 1 << 30
+    relay.pump(s2)
+    assert [o[2] for o in objects(ev)] == [b"a3", b"a2", b"g2o0", b"g3o0"]

@@ -34,6 +34,9 @@ class Recorder:
         self.events.append(("datagram", data))
         self.got.set()
 
+    def input_processed(self):
+        pass
+
     def terminated(self, code, reason):
         self.events.append(("closed", code, reason))
         self.got.set()

@@ -53,6 +53,7 @@ class SessionGlue:
         self.version = version
         self.session: MoqtSession | None = None
         self._on_session = on_session
+        self.on_input: Callable[[], None] | None = None
 
     def handshake_completed(self, link: QuicLink, alpn: str | None) -> None:
         version = VERSION_OF.get(alpn or "")
@@ -85,6 +86,10 @@ class SessionGlue:
         if self.session:
             self.session.terminated(code, reason)
 
+    def input_processed(self) -> None:
+        if self.session and self.on_input:
+            self.on_input()
+
 
 async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
                       versions: tuple[Version, ...] = (Version.DRAFT_16, Version.DRAFT_14),
@@ -95,8 +100,10 @@ async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
     def factory(link: QuicLink) -> SessionGlue:
         def on_session(session: MoqtSession) -> Callable[[Event], None]:
             peer = relay.attach(session, f"{link.peer_address}")
+            glue.on_input = lambda: relay.pump(peer)  # acknowledgements may have opened the window
             return lambda ev: relay.on_event(peer, ev)
-        return SessionGlue(link, client=False, on_session=on_session)
+        glue = SessionGlue(link, client=False, on_session=on_session)
+        return glue
 
     return await serve(host, port, configuration=cfg,
                        create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=factory, **k))

@@ -3,16 +3,23 @@ cache and late join. It reacts to session events and calls session methods; it o
 sockets and keeps no timers, so tests can drive it with in-memory sessions.
 
 Forwarding keeps one downstream subgroup stream per (subscriber, group, subgroup), in object
-order. As in the draft, a SUBSCRIBE delivers objects published after it (per its filter);
-the past comes from the cache through FETCH: a late joiner that wants the current group
+order. Objects wait in a per-session queue ordered as the draft's scheduling rules say
+(subscriber priority, then publisher priority, then the subscription's group order) and are
+handed to QUIC only while the connection's unacknowledged bytes stay below what its
+congestion window can carry, so what QUIC sends next is always the most important object.
+
+As in the draft, a SUBSCRIBE delivers objects published after it (per its filter); the past
+comes from the cache through FETCH: a late joiner that wants the current group
 from its start sends a relative joining FETCH (start 0), which is contiguous with its
 subscription and does not overlap it.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from . import messages as m
@@ -37,7 +44,7 @@ log = logging.getLogger("fastrelay.relay")
 Namespace = tuple[bytes, ...]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one per session
 class Peer:
     """One connected MoQT session and what the relay knows about it."""
 
@@ -50,9 +57,13 @@ class Peer:
     ns_subs: dict[Namespace, int | None] = field(default_factory=dict)  # prefix -> request stream (None: d14)
     aliases: itertools.count = field(default_factory=itertools.count)
     ns_requests: dict[int, Namespace] = field(default_factory=dict)  # PUBLISH_NAMESPACE request id -> namespace
+    # objects waiting for the connection: (priority, seq, downstream, object or None = FIN, (group, subgroup))
+    queue: list[tuple] = field(default_factory=list)
+    queued_bytes: int = 0
+    seq: itertools.count = field(default_factory=itertools.count)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one per subscription
 class Downstream:
     peer: Peer
     request_id: int
@@ -67,6 +78,8 @@ class Downstream:
     end_group: int | None = None  # AbsoluteRange: last group delivered
     largest: Location | None = None  # the track's largest location when the subscription began
     forward: bool = True  # REQUEST_UPDATE with FORWARD 0 pauses delivery
+    active: bool = True
+    queued: dict[tuple[int, int], tuple] = field(default_factory=dict)  # key -> priority of its last queued item
     group: int = -1  # newest group started for this subscriber
     objects: int = 0
     dropped: int = 0
@@ -383,6 +396,8 @@ class Relay:
         self.stats.cache_hits += len(objects)
 
     def _drop_downstream(self, ds: Downstream) -> None:
+        ds.active = False
+        self._purge(ds.peer, lambda it: it[2] is ds)
         for w in ds.writers.values():
             w.reset()
         ds.writers.clear()
@@ -399,6 +414,8 @@ class Relay:
             self.tracks.pop((track.namespace, track.name), None)
 
     def _end_track(self, track: Track, code: int, reason: str) -> None:
+        for peer in {ds.peer for ds in track.subscribers}:
+            self.pump(peer, force=True)  # what was queued still goes out before PUBLISH_DONE
         for ds in list(track.subscribers):
             for w in ds.writers.values():
                 w.finish()
@@ -446,22 +463,76 @@ class Relay:
                 ds.peer.session.send_datagram(ObjectDatagram(ds.alias, obj))
                 self._count_out(ds, obj)
             else:
+                self._enqueue(ds, obj)
+        for peer in {ds.peer for ds in track.subscribers}:
+            self.pump(peer)
+
+    # ---- scheduling
+    def _priority(self, ds: Downstream, obj: Object) -> tuple[int, int, int, int, int]:
+        """Draft-16 scheduling order: subscriber priority, publisher priority, group order."""
+        sub = ds.params.subscriber_priority if ds.params.subscriber_priority is not None else 128
+        descending = ds.params.group_order == GroupOrder.DESCENDING
+        group = -obj.group_id if descending else obj.group_id
+        return (sub, obj.publisher_priority or 0, group, obj.subgroup_id or 0, obj.object_id)
+
+    def _enqueue(self, ds: Downstream, obj: Object) -> None:
+        prio = self._priority(ds, obj)
+        key = (obj.group_id, obj.subgroup_id or 0)
+        heapq.heappush(ds.peer.queue, (prio, next(ds.peer.seq), ds, obj, key))
+        ds.peer.queued_bytes += len(obj.payload)
+        ds.queued[key] = prio
+
+    def pump(self, peer: Peer, force: bool = False) -> None:
+        """Hand queued objects to QUIC in priority order while the connection can carry them
+        (all of them with `force`)."""
+        transport = peer.session.transport
+        if peer.session.closed:
+            peer.queue.clear()
+            peer.queued_bytes = 0
+            return
+        window = transport.send_window()
+        while peer.queue and (force or transport.backlog() < window):
+            _, _, ds, obj, key = heapq.heappop(peer.queue)
+            if obj is None:  # the subgroup's FIN, queued behind its objects
+                writer = ds.writers.pop(key, None)
+                if writer is not None:
+                    writer.finish()
+                continue
+            peer.queued_bytes -= len(obj.payload)
+            if ds.active and key not in ds.abandoned:
                 self._send(ds, obj, fin=False)
+
+    def _purge(self, peer: Peer, drop: Callable[[tuple], bool]) -> int:
+        """Remove queued items matching `drop`; returns how many objects went."""
+        keep = [it for it in peer.queue if not drop(it)]
+        gone = [it for it in peer.queue if drop(it) and it[3] is not None]
+        if len(keep) != len(peer.queue):
+            peer.queue = keep
+            heapq.heapify(peer.queue)
+            peer.queued_bytes -= sum(len(it[3].payload) for it in gone)
+        return len(gone)
 
     def _admit(self, ds: Downstream, obj: Object) -> bool:
         """Whether a live object goes to this subscriber; a subscriber that fell behind skips
         to newer groups (its older subgroup streams are reset, never left with holes)."""
         key = (obj.group_id, obj.subgroup_id or 0)
+        peer = ds.peer
         if not ds.forward or Location(obj.group_id, obj.object_id) < ds.start or (
                 ds.end_group is not None and obj.group_id > ds.end_group):
             return False  # paused, or outside the subscription's range: not part of it
-        backlog = ds.peer.session.transport.backlog()
+        backlog = peer.session.transport.backlog() + peer.queued_bytes
         if obj.group_id > ds.group:
-            if backlog > self.max_backlog and ds.writers:
-                for old in [k for k in ds.writers if k[0] < obj.group_id]:
-                    ds.writers.pop(old).reset()
+            if backlog > self.max_backlog and (ds.writers or ds.queued):
+                older = {k for k in (*ds.writers, *ds.queued) if k[0] < obj.group_id}
+                for old in older:
+                    writer = ds.writers.pop(old, None)
+                    if writer is not None:
+                        writer.reset()
+                    ds.queued.pop(old, None)
                     ds.abandoned.add(old)
-                log.info("%s is %d bytes behind on %s: skipped to group %d", ds.peer.name, backlog,
+                for _ in range(self._purge(peer, lambda it: it[2] is ds and it[4] in older)):
+                    self._drop(ds)
+                log.info("%s is %d bytes behind on %s: skipped to group %d", peer.name, backlog,
                          ds.track.label, obj.group_id)
             ds.group = obj.group_id
         if key in ds.abandoned or (obj.group_id < ds.group and key not in ds.writers and key not in ds.sent):
@@ -471,6 +542,9 @@ class Relay:
             if writer is not None:
                 writer.reset()
             ds.abandoned.add(key)
+            ds.queued.pop(key, None)
+            for _ in range(self._purge(peer, lambda it: it[2] is ds and it[4] == key)):
+                self._drop(ds)
             return self._drop(ds)
         return True
 
@@ -513,13 +587,19 @@ class Relay:
         if key is None:
             return
         for ds in track.subscribers:
-            w = ds.writers.pop(key, None)
-            if w is None:
-                continue
+            prio = ds.queued.pop(key, None)
             if ev.reset_code is None:
-                w.finish()
+                if prio is not None:  # FIN after the subgroup's queued objects
+                    heapq.heappush(ds.peer.queue, ((*prio[:4], 1 << 62), next(ds.peer.seq), ds, None, key))
+                elif key in ds.writers:
+                    ds.writers.pop(key).finish()
             else:
-                w.reset(ev.reset_code)
+                self._purge(ds.peer, lambda it, ds=ds: it[2] is ds and it[4] == key)
+                writer = ds.writers.pop(key, None)
+                if writer is not None:
+                    writer.reset(ev.reset_code)
+        for peer in {ds.peer for ds in track.subscribers}:
+            self.pump(peer)
 
 
 def _from_cache(obj: CachedObject) -> Object:

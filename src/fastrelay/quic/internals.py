@@ -9,6 +9,11 @@ from __future__ import annotations
 from aioquic.quic.connection import QuicConnection
 
 
+def congestion_window(quic: QuicConnection) -> int:
+    """The sender's congestion window in bytes."""
+    return quic._loss.congestion_window
+
+
 def send_backlog(quic: QuicConnection) -> int:
     """Bytes written to live streams and not yet acknowledged by the peer (reset and
     finished streams excluded): how far this connection's sender is behind."""

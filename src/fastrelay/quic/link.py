@@ -23,7 +23,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from .internals import send_backlog
+from .internals import congestion_window, send_backlog
 
 log = logging.getLogger("fastrelay.quic")
 
@@ -39,6 +39,7 @@ class LinkHandler(Protocol):
     def stop_sending(self, stream_id: int, code: int) -> None: ...
     def datagram(self, data: bytes) -> None: ...
     def terminated(self, code: int, reason: str) -> None: ...
+    def input_processed(self) -> None: ...  # a datagram was handled (ACKs may have freed the window)
 
 
 @dataclass
@@ -77,6 +78,11 @@ class QuicLink(QuicConnectionProtocol):
         self.closed = asyncio.get_event_loop().create_future()
 
     # ---- events in
+    def datagram_received(self, data: bytes | str, addr: tuple) -> None:
+        super().datagram_received(data, addr)
+        if self.handler is not None:
+            self.handler.input_processed()
+
     def quic_event_received(self, event: QuicEvent) -> None:
         h = self.handler
         if h is None:
@@ -105,6 +111,10 @@ class QuicLink(QuicConnectionProtocol):
     def backlog(self) -> int:
         """Bytes written and not yet acknowledged by the peer."""
         return send_backlog(self._quic)
+
+    def send_window(self) -> int:
+        """How much it is useful to have written ahead: twice the congestion window."""
+        return 2 * congestion_window(self._quic)
 
     def open_stream(self, unidirectional: bool) -> int:
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
