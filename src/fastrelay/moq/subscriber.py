@@ -37,6 +37,7 @@ class SubscribeResult:
     gaps: int = 0
     duplicates: int = 0
     bad: int = 0  # payloads that failed verification
+    last_group: int | None = None
     latencies_ms: list[float] = field(default_factory=list)
     ended: str = ""
 
@@ -47,7 +48,7 @@ class SubscribeResult:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
-                "duplicates": self.duplicates, "bad": self.bad, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
+                "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
                 "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
 
 
@@ -153,6 +154,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 seen.add(key)
                 result.objects += 1
                 result.bytes += len(obj.payload)
+                result.last_group = max(obj.group_id, result.last_group or 0)
                 if verify is not None and not verify(obj.group_id, obj.object_id,
                                                      loc.unpackage(obj.extensions, obj.payload, codec="raw").data):
                     result.bad += 1
