@@ -164,9 +164,9 @@ def start_aiomoqt_relay(run: Run, draft: str) -> tuple[Proc, str]:
     return relay, f"moqt://127.0.0.1:{port}"
 
 
-def start_aiomoqt_pub(run: Run, url: str, track: str, draft: str) -> Proc:
+def start_aiomoqt_pub(run: Run, url: str, track: str, draft: str, *extra: str) -> Proc:
     pub = run.start("aiomoqt-pub", [PY, "-m", "aiomoqt.examples.pub_example", url, "-N", NAMESPACE, "-T", track,
-                                    "-k", "--draft", draft, "-t", "60"])
+                                    "-k", "--draft", draft, "-t", "60", *extra])
     assert pub.wait_for(r"MOQT app: published"), run.logs()
     return pub
 
@@ -256,3 +256,16 @@ def test_d_fastrelay_pub_fastrelay_relay_aiomoqt_sub(run: Run, draft: str) -> No
     objects, groups = run_aiomoqt_sub(run, url, track, draft)
     assert fastrelay_negotiated(relay, draft) == 2, run.logs()
     assert objects >= MIN_OBJECTS and groups >= 2, f"aiomoqt sub got {objects} objects, {groups} groups\n" + run.logs()
+
+
+# ---- E: objects as datagrams (aiomoqt publisher --datagram) through the fastrelay relay ---
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_e_datagrams_through_the_fastrelay_relay(run: Run, draft: str) -> None:
+    relay, url = start_fastrelay_relay(run, draft)
+    track = f"e-{draft}"
+    start_aiomoqt_pub(run, url, track, draft, "--datagram")
+    objects, groups = run_aiomoqt_sub(run, url, track, draft)
+    assert objects >= MIN_OBJECTS and groups >= 2, f"aiomoqt sub got {objects} objects\n" + run.logs()
+    summary = run_fastrelay_sub(run, url, track, draft)
+    assert summary["objects"] >= MIN_OBJECTS and summary["duplicates"] == 0, f"{summary}\n" + run.logs()
