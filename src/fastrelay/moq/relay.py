@@ -83,6 +83,7 @@ class Downstream:
     group: int = -1  # newest group started for this subscriber
     objects: int = 0
     dropped: int = 0
+    streams: int = 0  # subgroup streams opened for it (PUBLISH_DONE's stream count)
 
 
 @dataclass
@@ -97,6 +98,8 @@ class Track:
     subscribers: list[Downstream] = field(default_factory=list)
     stream_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # upstream stream -> (group, subgroup)
     objects_in: int = 0
+    streams_ended: int = 0  # upstream subgroup streams finished or reset
+    done: m.PublishDone | None = None  # the publisher's PUBLISH_DONE, applied once its streams have ended
 
     @property
     def label(self) -> str:
@@ -324,8 +327,16 @@ class Relay:
     def _on_PublishDone(self, peer: Peer, msg: m.PublishDone) -> None:
         track = peer.requests.get(msg.request_id) or next(
             (t for t in peer.upstream.values() if t.upstream_request_id == msg.request_id), None)
-        if track is not None:
-            self._end_track(track, msg.status_code, msg.error_reason)
+        if track is None:
+            return
+        # its last streams may still be in flight (another QUIC stream may overtake them):
+        # end the track once as many streams as PUBLISH_DONE counts have ended
+        track.done = msg
+        self._maybe_done(track)
+
+    def _maybe_done(self, track: Track) -> None:
+        if track.done is not None and track.streams_ended >= track.done.stream_count:
+            self._end_track(track, track.done.status_code, track.done.error_reason)
 
     # ---- helpers
     def _new_track(self, key: tuple[Namespace, bytes], publisher: Peer) -> Track:
@@ -420,7 +431,7 @@ class Relay:
             for w in ds.writers.values():
                 w.finish()
             if not ds.peer.session.closed and ds.established:
-                ds.peer.session.send(m.PublishDone(ds.request_id, code, len(ds.writers), reason[:1024]))
+                ds.peer.session.send(m.PublishDone(ds.request_id, code, ds.streams, reason[:1024]))
             ds.peer.downstream.pop(ds.request_id, None)
         track.subscribers.clear()
         track.publisher.requests.pop(track.upstream_request_id, None)
@@ -565,6 +576,7 @@ class Relay:
                                          publisher_priority=obj.publisher_priority or 128,
                                          version=ds.peer.session.version, extensions=True)
             writer = ds.writers[key] = ds.peer.session.open_subgroup(header)
+            ds.streams += 1
         writer.write(obj, fin=fin)
         ds.sent[key] = obj.object_id
         self._count_out(ds, obj)
@@ -583,8 +595,10 @@ class Relay:
         track = peer.upstream.get(header.track_alias)
         if track is None:
             return
+        track.streams_ended += 1
         key = track.stream_keys.pop(ev.stream_id, None)
         if key is None:
+            self._maybe_done(track)
             return
         for ds in track.subscribers:
             prio = ds.queued.pop(key, None)
@@ -600,6 +614,7 @@ class Relay:
                     writer.reset(ev.reset_code)
         for peer in {ds.peer for ds in track.subscribers}:
             self.pump(peer)
+        self._maybe_done(track)
 
 
 def _from_cache(obj: CachedObject) -> Object:

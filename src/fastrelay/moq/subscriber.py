@@ -22,10 +22,11 @@ from . import messages as m
 from .data import FetchHeader
 from .endpoint import MoqtClient
 from .params import MessageParams, Version
-from .session import Closed, MessageReceived, ObjectReceived
+from .session import Closed, MessageReceived, ObjectReceived, StreamEnded
 
 log = logging.getLogger("fastrelay.subscribe")
 
+DONE_GRACE_S = 2.0  # after PUBLISH_DONE, how long to wait for streams still in flight
 REORDER_GROUPS = 2  # groups held back waiting for a missing object before skipping ahead
 
 
@@ -126,8 +127,12 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
             fetch_id = fetched.request_id if isinstance(fetched, m.FetchOk) else None
         deadline = time.monotonic() + duration if duration else None
         next_report, last_objects = time.monotonic() + 1.0, 0
+        streams_done, done = 0, None
         while True:
             now = time.monotonic()
+            if done is not None and (streams_done >= done.stream_count or now >= done_deadline):
+                result.ended = f"publish_done({done.status_code})"
+                break
             if progress is not None and now >= next_report:
                 snap = result.summary()
                 snap["objects_per_s"] = result.objects - last_objects
@@ -140,7 +145,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 ev = await asyncio.wait_for(client.events.get(), timeout)
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
-                    result.ended = "duration"
+                    result.ended = f"publish_done({done.status_code})" if done else "duration"
                     break
                 continue
             if isinstance(ev, ObjectReceived) and (
@@ -165,9 +170,13 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 if sent_us:  # our private send time, else LOC's wall-clock TIMESTAMP (other publishers)
                     result.latencies_ms.append((now_us - sent_us) / 1000)
                 reorder.add(obj.group_id, obj.object_id, frame)
+            elif isinstance(ev, StreamEnded) and getattr(ev.header, "track_alias", None) == alias:
+                streams_done += 1
             elif isinstance(ev, MessageReceived) and isinstance(ev.message, m.PublishDone):
-                result.ended = f"publish_done({ev.message.status_code})"
-                break
+                # the track is over, but its last streams may still be arriving: PUBLISH_DONE says
+                # how many there were; wait for them (briefly: some may have been reset)
+                done, done_deadline = ev.message, time.monotonic() + DONE_GRACE_S
+                deadline = min(deadline, done_deadline) if deadline else done_deadline
             elif isinstance(ev, Closed):
                 result.ended = f"closed({ev.reason})"
                 break

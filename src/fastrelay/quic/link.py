@@ -76,6 +76,7 @@ class QuicLink(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
         self.closed = asyncio.get_event_loop().create_future()
+        self._transmit_scheduled = False
 
     # ---- events in
     def datagram_received(self, data: bytes | str, addr: tuple) -> None:
@@ -102,7 +103,17 @@ class QuicLink(QuicConnectionProtocol):
                 self.closed.set_result((event.error_code, event.reason_phrase))
             h.terminated(event.error_code, event.reason_phrase)
 
-    # ---- actions out (each schedules transmission)
+    # ---- actions out: transmission is batched once per event-loop turn, so many writes share
+    # packets (a transmit per write would build one packet per object per subscriber)
+    def _schedule_transmit(self) -> None:
+        if not self._transmit_scheduled:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._transmit_scheduled = False
+        self.transmit()
+
     @property
     def peer_address(self) -> tuple[str, int] | None:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
@@ -121,19 +132,19 @@ class QuicLink(QuicConnectionProtocol):
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         self._quic.send_stream_data(stream_id, data, end_stream=fin)
-        self.transmit()
+        self._schedule_transmit()
 
     def send_datagram(self, data: bytes) -> None:
         self._quic.send_datagram_frame(data)
-        self.transmit()
+        self._schedule_transmit()
 
     def reset(self, stream_id: int, code: int) -> None:
         self._quic.reset_stream(stream_id, code)
-        self.transmit()
+        self._schedule_transmit()
 
     def stop(self, stream_id: int, code: int) -> None:
         self._quic.stop_stream(stream_id, code)
-        self.transmit()
+        self._schedule_transmit()
 
     def close(self, code: int = 0, reason: str = "") -> None:  # type: ignore[override]
         self._quic.close(error_code=code, reason_phrase=reason)
