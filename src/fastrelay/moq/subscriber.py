@@ -49,7 +49,8 @@ class SubscribeResult:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
-                "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
+                "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group,
+                "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
                 "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
 
 
@@ -127,7 +128,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
             fetch_id = fetched.request_id if isinstance(fetched, m.FetchOk) else None
         deadline = time.monotonic() + duration if duration else None
         next_report, last_objects = time.monotonic() + 1.0, 0
-        streams_done, done = 0, None
+        streams_done, done, done_deadline = 0, None, 0.0
         while True:
             now = time.monotonic()
             if done is not None and (streams_done >= done.stream_count or now >= done_deadline):
