@@ -150,3 +150,20 @@ def test_cleanup_command_sweeps_every_namespace(lab):
     assert "removed 1 stale clsact filter" in out.stdout
     assert "fr_lab_drop" not in tc_filters(lab)
     assert not any(wait_no_leftovers().values())
+
+
+def test_pinning_mounts_a_missing_bpf_filesystem():
+    """A machine that booted without bpffs at /sys/fs/bpf gets one when something is pinned
+    (checked in a private mount namespace, so the host's mount is not touched)."""
+    script = (
+        "import subprocess\n"
+        "from fastrelay.kernel.attach import BPFFS_MAGIC, _fs_magic, ensure_bpffs\n"
+        "subprocess.run(['umount', '/sys/fs/bpf'], capture_output=True)\n"
+        "assert _fs_magic('/sys/fs/bpf') != BPFFS_MAGIC\n"
+        "ensure_bpffs('/sys/fs/bpf/fastrelay/x')\n"
+        "assert _fs_magic('/sys/fs/bpf') == BPFFS_MAGIC\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

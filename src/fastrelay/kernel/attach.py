@@ -41,6 +41,33 @@ class Direction(enum.StrEnum):
     EGRESS = "egress"
 
 
+BPFFS_MAGIC = 0xCAFE4A11
+
+
+def ensure_bpffs(path: str) -> None:
+    """Make sure `path` lies on a BPF filesystem: if the bpffs mount point above it (by
+    convention /sys/fs/bpf) has none, mount one there (some machines boot without it)."""
+    mount_point = "/sys/fs/bpf"
+    if not path.startswith(mount_point + "/") and path != mount_point:
+        return
+    if _fs_magic(mount_point) == BPFFS_MAGIC:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", mount_point.encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise AttachError(f"no BPF filesystem at {mount_point} and mounting one failed: {os.strerror(err)}")
+    log.info("mounted a BPF filesystem at %s", mount_point)
+
+
+def _fs_magic(path: str) -> int:
+    """f_type of the filesystem holding `path` (statfs; os.statvfs does not expose it)."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs on 64-bit Linux is 120 bytes; f_type first
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(path.encode(), buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def clsact_handle(program: str) -> int:
     """Deterministic clsact filter handle for one of our programs, so stale ones can be found."""
     return 0xFA570000 | (zlib.crc32(program.encode()) & 0xFFFF)
@@ -168,6 +195,7 @@ class TcLink:
         """Keep the attachment after this process exits: pin a tcx link at `pin_path` (a clsact
         filter persists by itself). Removing the pin (or the interface) detaches it later."""
         if self.mode == "tcx":
+            ensure_bpffs(os.path.dirname(pin_path))
             os.makedirs(os.path.dirname(pin_path), exist_ok=True)
             ret = lib.bpf_obj_pin(self._link_fd, pin_path.encode())
             if ret < 0:
