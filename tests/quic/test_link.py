@@ -1,4 +1,5 @@
-"""QuicLink over real aioquic on loopback: streams, datagrams, resets, close."""
+"""QuicLink over real aioquic on loopback: streams, datagrams, resets, close; with standard crypto and in
+plaintext mode (details of that mode: test_plaintext.py)."""
 
 import asyncio
 
@@ -58,15 +59,21 @@ async def wait_for(rec, pred, timeout=3.0):
     await asyncio.wait_for(loop(), timeout)
 
 
-def test_streams_datagrams_reset_and_close(tls):
+def test_configuration_offers_plaintext_only_when_asked():
+    assert configuration(client=True, alpn=["x"]).plaintext is False
+    assert configuration(client=True, alpn=["x"], plaintext=True).plaintext is True
+
+
+@pytest.mark.parametrize("plaintext", [False, True])
+def test_streams_datagrams_reset_and_close(tls, plaintext):
     async def main():
         servers = []
-        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1], plaintext=plaintext)
         server = await serve("127.0.0.1", 0, configuration=cfg,
                              create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=lambda link: (
                                  servers.append(Recorder(link)) or servers[-1]), **k))
         port = server._transport.get_extra_info("sockname")[1]
-        ccfg = configuration(client=True, alpn=["fr-test"], verify=False)
+        ccfg = configuration(client=True, alpn=["fr-test"], verify=False, plaintext=plaintext)
         async with connect("127.0.0.1", port, configuration=ccfg, create_protocol=QuicLink) as client:
             rec = Recorder(client)
             client.handler = rec
@@ -80,6 +87,7 @@ def test_streams_datagrams_reset_and_close(tls):
             await wait_for(srv, lambda ev: ("stream", sid, b"hello", True) in ev and ("datagram", b"dgram") in ev
                            and any(e[0] == "reset" and e[1] == uni and e[2] == 7 for e in ev))
             assert srv.alpn == "fr-test"
+            assert client.plaintext is plaintext and srv.link.plaintext is plaintext
             srv.link.send(sid, b"world", fin=True)
             await wait_for(rec, lambda ev: ("stream", sid, b"world", True) in ev)
             assert srv.link.peer_address[0] == "127.0.0.1"

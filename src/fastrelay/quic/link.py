@@ -23,6 +23,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from . import plaintext as plaintext_mode
 from .internals import congestion_window, send_backlog
 
 log = logging.getLogger("fastrelay.quic")
@@ -51,14 +52,22 @@ class Limits:
     idle_timeout: float = 30.0
 
 
+@dataclass
+class LinkConfiguration(QuicConfiguration):
+    """QuicConfiguration plus fastrelay's own options (it is shared by every connection of a server)."""
+
+    plaintext: bool = False  # offer plaintext 1-RTT packets (INSECURE, kernel fast path): see quic/plaintext.py
+
+
 def configuration(*, client: bool, alpn: list[str], cert: str | None = None, key: str | None = None,
                   verify: bool = True, limits: Limits | None = None,
-                  server_name: str | None = None) -> QuicConfiguration:
-    """A QuicConfiguration for fastrelay endpoints (datagrams enabled)."""
+                  server_name: str | None = None, plaintext: bool = False) -> LinkConfiguration:
+    """A QuicConfiguration for fastrelay endpoints (datagrams enabled). `plaintext=True` offers the
+    insecure plaintext packet protection mode; a connection uses it only if its peer offers it too."""
     limits = limits or Limits()
-    cfg = QuicConfiguration(is_client=client, alpn_protocols=alpn, max_datagram_frame_size=MAX_DATAGRAM_FRAME,
+    cfg = LinkConfiguration(is_client=client, alpn_protocols=alpn, max_datagram_frame_size=MAX_DATAGRAM_FRAME,
                             max_data=limits.max_data, max_stream_data=limits.max_stream_data,
-                            idle_timeout=limits.idle_timeout, server_name=server_name)
+                            idle_timeout=limits.idle_timeout, server_name=server_name, plaintext=plaintext)
     if cert and key:
         cfg.load_cert_chain(cert, key)
     if client and not verify:
@@ -69,11 +78,17 @@ def configuration(*, client: bool, alpn: list[str], cert: str | None = None, key
 
 
 class QuicLink(QuicConnectionProtocol):
-    """A QUIC connection whose events go to `handler` (set by the factory or later)."""
+    """A QUIC connection whose events go to `handler` (set by the factory or later).
+
+    aioquic builds the connection before this protocol and starts it only afterwards (client:
+    `connect()`, server: the first datagram), so the plaintext offer is installed here in time."""
 
     def __init__(self, *args: Any, handler_factory: Callable[[QuicLink], LinkHandler] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        cfg = self._quic.configuration
+        if isinstance(cfg, LinkConfiguration) and cfg.plaintext:
+            plaintext_mode.install(self._quic)
         self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
         self.closed = asyncio.get_event_loop().create_future()
         self._transmit_scheduled = False
@@ -113,6 +128,11 @@ class QuicLink(QuicConnectionProtocol):
     def _flush(self) -> None:
         self._transmit_scheduled = False
         self.transmit()
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether this connection's 1-RTT packets travel without protection (both ends offered it)."""
+        return plaintext_mode.is_plaintext(self._quic)
 
     @property
     def peer_address(self) -> tuple[str, int] | None:
