@@ -12,6 +12,7 @@ import time
 import pytest
 
 from fastrelay.kernel.stats import leftovers
+from fastrelay.lab.capture import capture, udp_frames
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import entered, exec_argv
 
@@ -20,12 +21,10 @@ from .conftest import (
     SUB_PORT,
     Sender,
     addr,
-    capture,
     relay_ip,
     running_relay,
     source,
     stream,
-    udp_frames,
 )
 
 DATAPATHS = ["kernel", "userspace"]

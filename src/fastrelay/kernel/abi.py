@@ -81,3 +81,135 @@ class ProbeHist(ctypes.Structure):
 
 class DropConfig(ctypes.Structure):
     _fields_ = [("threshold", u32), ("pad", u32)]
+
+
+# ---------------------------------------------------------------- MoQT kernel fast path
+FR_MOQ_CID_LEN = 8
+FR_MOQ_MAX_FRAMES = 16
+FR_MOQ_MAX_SUBS = 256
+FR_MOQ_MAX_CONNS = 4096
+FR_MOQ_MAX_TRACK_IDS = 4096
+s64 = ctypes.c_int64
+
+
+class MoqCid(ctypes.Structure):
+    _fields_ = [("b", u8 * FR_MOQ_CID_LEN)]
+
+
+class MoqConfig(ctypes.Structure):
+    _fields_ = [("port", u16), ("enabled", u8), ("pad", u8), ("csum_v6_flags", u32)]  # port in network order
+
+
+class MoqUpconn(ctypes.Structure):
+    _fields_ = [("id", u32), ("family", u8), ("pad", u8), ("peer_port", u16), ("peer_ip", u8 * 16)]
+
+
+class MoqAliasKey(ctypes.Structure):
+    _fields_ = [("up", u32), ("pad", u32), ("alias", u64)]
+
+
+class MoqAliasVal(ctypes.Structure):
+    _fields_ = [("track", u32), ("default_priority", u8), ("pad", u8 * 3)]
+
+
+class MoqStreamKey(ctypes.Structure):
+    _fields_ = [("conn", u32), ("up", u32), ("stream", u64)]
+
+
+class MoqUstream(ctypes.Structure):
+    _fields_ = [("track", u32), ("kind", u8), ("priority", u8), ("pad", u8 * 2), ("group", u64)]
+
+
+class MoqTrack(ctypes.Structure):
+    _fields_ = [("count", u32), ("pad", u32), ("conns", u32 * FR_MOQ_MAX_SUBS)]
+
+
+class MoqDsubKey(ctypes.Structure):
+    _fields_ = [("conn", u32), ("track", u32)]
+
+
+class MoqDsub(ctypes.Structure):
+    _fields_ = [("alias", u64)]
+
+
+class MoqConn(ctypes.Structure):
+    _fields_ = [
+        ("gen", u32),
+        ("ifindex", u32),
+        ("dst_mac", u8 * 6),
+        ("src_mac", u8 * 6),
+        ("dst_port", u16),  # network order
+        ("src_port", u16),  # network order
+        ("family", u8),
+        ("protect_priority", u8),
+        ("max_payload", u16),
+        ("dst_ip", u8 * 16),
+        ("src_ip", u8 * 16),
+        ("dcid", u8 * FR_MOQ_CID_LEN),
+        ("max_stream", u64),
+        ("stream_window", u64),
+        ("abandon_below", s64),
+    ]
+
+
+class MoqState(ctypes.Structure):
+    _fields_ = [
+        ("next_pn", u64),
+        ("next_stream", u64),
+        ("budget", s64),
+        ("credit", s64),
+        ("packets", u64),
+        ("bytes", u64),
+        ("renumbered", u64),
+    ]
+
+
+class MoqSlot(ctypes.Structure):
+    _fields_ = [("slot", u32), ("gen", u32)]
+
+
+class MoqDstream(ctypes.Structure):
+    _fields_ = [
+        ("stream", u64),
+        ("limit", u64),
+        ("handover", u64),
+        ("delta", ctypes.c_int32),
+        ("state", u8),
+        ("priority", u8),
+        ("pad", u16),
+    ]
+
+
+class MoqTakeArgs(ctypes.Structure):
+    _fields_ = [("slot", u32), ("op", u32), ("value", s64), ("result", s64)]
+
+
+class MoqFrameRec(ctypes.Structure):
+    _fields_ = [
+        ("stream", u64),
+        ("offset", u64),
+        ("up_stream", u64),
+        ("up_offset", u64),
+        ("len", u32),
+        ("fin", u8),
+        ("pad", u8 * 3),
+    ]
+
+
+class MoqEvent(ctypes.Structure):
+    _fields_ = [
+        ("kind", u8),
+        ("nframes", u8),
+        ("state", u8),
+        ("priority", u8),
+        ("slot", u32),
+        ("gen", u32),
+        ("bytes", u32),
+        ("pn", u64),
+        ("local_pn", u64),
+        ("time_ns", u64),
+        ("track", u32),
+        ("up", u32),
+        ("group", u64),
+        ("frames", MoqFrameRec * FR_MOQ_MAX_FRAMES),
+    ]

@@ -141,4 +141,227 @@ enum fr_drop_counter {
 	FR_DC_MAX,
 };
 
+/* ---------------------------------------------------------------- MoQT kernel fast path */
+/*
+ * Publisher connection A (upstream) and subscriber connections B_i (downstream) are QUIC
+ * connections in plaintext mode (identity packet protection, 16-byte zero tag). The
+ * ingress program parses A's 1-RTT packets and clones them, one per subscriber of each
+ * track present; the egress program turns each clone into a packet of B_i (its addresses,
+ * connection id, packet number, stream ids and track alias) and reports it, and renumbers
+ * the packets userspace itself sends on B_i from the same counter.
+ */
+#define FR_MOQ_CID_LEN 8             /* connection id length (aioquic's default) */
+#define FR_MOQ_TAG_LEN 16            /* identity AEAD: 16 zero bytes */
+#define FR_MOQ_BUF 2048              /* scratch buffers; power of two (indices are masked) */
+#define FR_MOQ_MAX_PAYLOAD 1472      /* largest UDP payload handled in the kernel */
+#define FR_MOQ_MAX_FRAMES 16         /* media frames per packet */
+#define FR_MOQ_MAX_TRACKS 4          /* distinct tracks per packet */
+#define FR_MOQ_MAX_SUBS 256          /* kernel-path subscribers per track */
+#define FR_MOQ_MAX_CONNS 4096        /* downstream connection slots */
+#define FR_MOQ_MAX_TRACK_IDS 4096    /* track ids (relay-wide) */
+
+struct fr_moq_cid {
+	__u8 b[FR_MOQ_CID_LEN];
+};
+
+/* fr_moq_cfg[0] */
+struct fr_moq_config {
+	__be16 port;                 /* relay UDP port; 0 = disabled */
+	__u8 enabled;
+	__u8 pad;
+	__u32 csum_v6_flags;         /* BPF_F_IPV6 where the kernel has it */
+};
+
+/* fr_moq_up: key = the relay's connection id on a publisher connection */
+struct fr_moq_upconn {
+	__u32 id;                    /* upstream connection id (relay-wide) */
+	__u8 family;
+	__u8 pad;
+	__be16 peer_port;            /* only packets from the validated peer address count */
+	__u8 peer_ip[16];
+};
+
+/* fr_moq_alias: (upstream connection, track alias) -> track */
+struct fr_moq_alias_key {
+	__u32 up;
+	__u32 pad;
+	__u64 alias;
+};
+
+struct fr_moq_alias_val {
+	__u32 track;
+	__u8 default_priority;       /* for headers with DEFAULT_PRIORITY */
+	__u8 pad[3];
+};
+
+/* fr_moq_ustream: what the ingress learnt about an upstream stream at its offset 0 */
+struct fr_moq_stream_key {
+	__u32 conn;                  /* upstream connection id (ustream) or downstream slot (dstream) */
+	__u32 up;                    /* upstream connection id (dstream), 0 for ustream */
+	__u64 stream;                /* upstream stream id */
+};
+
+enum fr_moq_ustream_kind {
+	FR_MOQ_US_SUBGROUP = 1,      /* a subgroup of a known track: fanned out */
+	FR_MOQ_US_OTHER,             /* not media for the kernel (header unknown/split): userspace's */
+};
+
+struct fr_moq_ustream {
+	__u32 track;
+	__u8 kind;                   /* enum fr_moq_ustream_kind */
+	__u8 priority;               /* publisher priority of the subgroup */
+	__u8 pad[2];
+	__u64 group;
+};
+
+/* fr_moq_tracks[track]: kernel-path subscriber slots (torn reads are harmless: each slot is
+ * re-checked against fr_moq_conns and fr_moq_dsub) */
+struct fr_moq_track {
+	__u32 count;
+	__u32 pad;
+	__u32 conns[FR_MOQ_MAX_SUBS];
+};
+
+/* fr_moq_dsub: (downstream slot, track) -> the alias the subscriber knows the track by */
+struct fr_moq_dsub_key {
+	__u32 conn;
+	__u32 track;
+};
+
+struct fr_moq_dsub {
+	__u64 alias;
+};
+
+/* fr_moq_conns[slot]: a subscriber connection, written by userspace only. An entry exists
+ * only after the handshake completed and the peer address was validated. */
+struct fr_moq_conn {
+	__u32 gen;                   /* 0 = free slot; changes when the slot is reused */
+	__u32 ifindex;               /* relay-side egress interface */
+	__u8 dst_mac[6];
+	__u8 src_mac[6];
+	__be16 dst_port;
+	__be16 src_port;
+	__u8 family;
+	__u8 protect_priority;       /* under pressure, new subgroups with a larger value are skipped */
+	__u16 max_payload;           /* largest UDP payload towards this peer */
+	__u8 dst_ip[16];
+	__u8 src_ip[16];
+	__u8 dcid[FR_MOQ_CID_LEN];   /* the peer's connection id (destination of our packets) */
+	__u64 max_stream;            /* first server-unidirectional stream id the peer does not allow */
+	__u64 stream_window;         /* peer's initial MAX_STREAM_DATA for our unidirectional streams */
+	__s64 abandon_below;         /* budget under which a started subgroup is abandoned (reset) */
+};
+
+/* fr_moq_state[slot]: counters shared by kernel and userspace, changed only atomically
+ * (userspace through the fr_moq_take syscall program). */
+struct fr_moq_state {
+	__u64 next_pn;               /* next packet number on the wire */
+	__u64 next_stream;           /* next server-unidirectional stream id */
+	__s64 budget;                /* congestion window bytes the kernel may still send */
+	__s64 credit;                /* connection flow-control bytes the kernel may still send */
+	__u64 packets;               /* sent by the kernel */
+	__u64 bytes;
+	__u64 renumbered;            /* userspace packets renumbered */
+};
+
+/* fr_moq_dcid: the peer's connection id -> downstream slot (renumbering userspace packets) */
+struct fr_moq_slot {
+	__u32 slot;
+	__u32 gen;
+};
+
+enum fr_moq_dstream_state {
+	FR_MOQ_DS_FORWARD = 1,       /* the kernel sends it */
+	FR_MOQ_DS_SKIPPED,           /* congestion: never started for this subscriber */
+	FR_MOQ_DS_USER,              /* handed to userspace from `handover` on */
+	FR_MOQ_DS_ABANDONED,         /* started, then dropped: userspace resets it */
+	FR_MOQ_DS_NOT_JOINED,        /* began before the subscriber was in the kernel set */
+};
+
+/* fr_moq_dstream: (downstream slot, upstream connection, upstream stream) */
+struct fr_moq_dstream {
+	__u64 stream;                /* downstream stream id */
+	__u64 limit;                 /* peer's MAX_STREAM_DATA for it */
+	__u64 handover;              /* upstream offset userspace continues from (USER/ABANDONED) */
+	__s32 delta;                 /* downstream offset - upstream offset (alias re-encoded) */
+	__u8 state;                  /* enum fr_moq_dstream_state */
+	__u8 priority;
+	__u16 pad;
+};
+
+/* fr_moq_take argument (SEC("syscall") program, run by userspace for atomic changes) */
+struct fr_moq_take_args {
+	__u32 slot;
+	__u32 op;                    /* enum fr_moq_take_op */
+	__s64 value;
+	__s64 result;                /* the field's value before the change */
+};
+
+enum fr_moq_take_op {
+	FR_MOQ_TAKE_PN = 0,          /* next_pn += value */
+	FR_MOQ_TAKE_STREAM,          /* next_stream += 4 * value */
+	FR_MOQ_ADD_BUDGET,           /* budget += value */
+	FR_MOQ_ADD_CREDIT,           /* credit += value */
+	FR_MOQ_SET_PN,               /* next_pn = max(next_pn, value) */
+};
+
+/* Ring buffer fr_moq_events: one record per packet the egress sent or renumbered, and one
+ * per stream decision. */
+enum fr_moq_event_kind {
+	FR_MOQ_EV_SENT = 1,          /* a kernel-built packet left: register it */
+	FR_MOQ_EV_RENUMBERED,        /* a userspace packet left with number pn (was local_pn) */
+	FR_MOQ_EV_HANDOVER,          /* stream handed to userspace (state, frames[0]: streams, offset) */
+};
+
+struct fr_moq_frame_rec {
+	__u64 stream;                /* downstream stream id; ~0 = DATAGRAM frame */
+	__u64 offset;                /* downstream offset */
+	__u64 up_stream;
+	__u64 up_offset;
+	__u32 len;
+	__u8 fin;
+	__u8 pad[3];
+};
+
+struct fr_moq_event {
+	__u8 kind;                   /* enum fr_moq_event_kind */
+	__u8 nframes;
+	__u8 state;                  /* HANDOVER: enum fr_moq_dstream_state */
+	__u8 priority;
+	__u32 slot;
+	__u32 gen;
+	__u32 bytes;                 /* UDP payload bytes (SENT) */
+	__u64 pn;                    /* wire packet number (SENT, RENUMBERED) */
+	__u64 local_pn;              /* RENUMBERED: the 16 bits userspace wrote */
+	__u64 time_ns;               /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u32 track;
+	__u32 up;
+	__u64 group;                 /* HANDOVER: the subgroup's group */
+	struct fr_moq_frame_rec frames[FR_MOQ_MAX_FRAMES];
+};
+
+enum fr_moq_counter {
+	FR_MQ_RX = 0,                /* 1-RTT packets of a publisher connection */
+	FR_MQ_FANNED,                /* of those, cloned to at least one subscriber */
+	FR_MQ_CLONES,
+	FR_MQ_SENT,                  /* packets the egress built and sent */
+	FR_MQ_SENT_BYTES,
+	FR_MQ_RENUMBERED,            /* userspace packets renumbered */
+	FR_MQ_PASS_UNPARSED,         /* frames the kernel cannot parse: the packet only goes up */
+	FR_MQ_PASS_OVERSIZE,
+	FR_MQ_PASS_BAD_TAG,
+	FR_MQ_PASS_SPOOFED,          /* known connection id, wrong source address */
+	FR_MQ_STREAM_OTHER,          /* upstream stream not recognised as a subgroup */
+	FR_MQ_SKIP_CONGESTION,       /* subgroups skipped for a congested subscriber */
+	FR_MQ_SKIP_STREAM_LIMIT,     /* subgroups skipped: no stream credit */
+	FR_MQ_HANDOVER_FLOW,         /* streams handed to userspace: flow-control credit */
+	FR_MQ_HANDOVER_SIZE,         /* streams handed to userspace: copy would exceed the MTU */
+	FR_MQ_ABANDONED,             /* started subgroups abandoned (reset by userspace) */
+	FR_MQ_NOT_JOINED,            /* clone frames of streams that began before the subscriber joined */
+	FR_MQ_DROP_EMPTY,            /* clones with nothing for the subscriber */
+	FR_MQ_ERR,                   /* helper failures */
+	FR_MQ_RINGBUF_FULL,          /* packet not sent: its record could not be reserved */
+	FR_MQ_MAX,
+};
+
 #endif /* FASTRELAY_H */

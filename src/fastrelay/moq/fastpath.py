@@ -1,0 +1,356 @@
+"""Python side of bpf/moq_fastpath.bpf.c: its maps, attachments, counters and records.
+
+The relay's control plane decides; this class only writes those decisions into the maps
+(publisher connections, track aliases, subscriber connections and subscriptions), runs the
+atomic counter changes through the fr_moq_take syscall program and hands back the ring-
+buffer records (one per packet the kernel sent or renumbered, one per stream handed to
+userspace). It knows no QUIC and no MoQT beyond the map layouts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Self
+
+import numpy as np
+
+from ..kernel import abi
+from ..kernel.attach import TcLink
+from ..kernel.errors import KernelError
+from ..kernel.features import l4_csum_ipv6_flag
+from ..kernel.libbpf import BpfTestRunOpts, check, lib
+from ..kernel.objects import BpfObject
+
+log = logging.getLogger("fastrelay.fastpath")
+
+u32 = ctypes.c_uint32
+
+
+class Take(enum.IntEnum):
+    """fr_moq_take operations (values checked against BTF at start)."""
+
+    PN = 0
+    STREAM = 1
+    BUDGET = 2
+    CREDIT = 3
+    SET_PN = 4
+
+
+class EventKind(enum.IntEnum):
+    SENT = 1
+    RENUMBERED = 2
+    HANDOVER = 3
+
+
+class StreamState(enum.IntEnum):
+    FORWARD = 1
+    SKIPPED = 2
+    USER = 3
+    ABANDONED = 4
+    NOT_JOINED = 5
+
+
+@dataclass(frozen=True)
+class ConnSpec:
+    """A subscriber connection as the egress program needs it (after its handshake)."""
+
+    ifindex: int
+    src_mac: str
+    dst_mac: str
+    src: tuple[str, int]          # the relay's address and port on this connection
+    dst: tuple[str, int]          # the subscriber's validated address
+    dcid: bytes                   # the subscriber's connection id (our packets' destination id)
+    max_stream: int               # first server-unidirectional stream id the peer does not allow yet
+    stream_window: int            # peer's initial MAX_STREAM_DATA for unidirectional streams
+    max_payload: int = 1200
+    protect_priority: int = 0     # under congestion, new subgroups with a larger priority value are skipped
+    abandon_below: int = 0        # budget (negative) under which started subgroups are abandoned; 0: never
+
+
+def _ip_bytes(ip: str) -> bytes:
+    raw = ipaddress.ip_address(ip).packed
+    return raw.ljust(16, b"\0")
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _keys(m) -> list:
+    """A snapshot of a hash map's keys (safe to delete while walking it)."""
+    return list(m.keys())
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+class MoqFastPath:
+    """Load, attach and steer the MoQT fast path for a relay listening on UDP `port`.
+
+    `ingress` are the interfaces publishers reach the relay on, `egress` those subscribers
+    are reached on (the same interface may be in both). Everything is detached and every
+    map freed by close(); tcx links die with the process as well.
+    """
+
+    RING_BUDGET = 1 << 15
+
+    def __init__(self, port: int, ingress: list[int], egress: list[int]) -> None:
+        self.obj = BpfObject.load("moq_fastpath")
+        self.links: list[TcLink] = []
+        try:
+            o = self.obj
+            self._cfg = o.map("fr_moq_cfg", u32, abi.MoqConfig)
+            self._up = o.map("fr_moq_up", abi.MoqCid, abi.MoqUpconn)
+            self._alias = o.map("fr_moq_alias", abi.MoqAliasKey, abi.MoqAliasVal)
+            self._ustream = o.map("fr_moq_ustream", abi.MoqStreamKey, abi.MoqUstream)
+            self._tracks = o.map("fr_moq_tracks", u32, abi.MoqTrack)
+            self._dsub = o.map("fr_moq_dsub", abi.MoqDsubKey, abi.MoqDsub)
+            self._conns = o.map("fr_moq_conns", u32, abi.MoqConn)
+            self._state = o.map("fr_moq_state", u32, abi.MoqState)
+            self._dcid = o.map("fr_moq_dcid", abi.MoqCid, abi.MoqSlot)
+            self._dstream = o.map("fr_moq_dstream", abi.MoqStreamKey, abi.MoqDstream)
+            self._stats = o.map("fr_moq_stats", u32, ctypes.c_uint64)
+            self._events = o.ringbuf("fr_moq_events", abi.MoqEvent, "fr_moq_event")
+            o.struct("fr_moq_take_args", abi.MoqTakeArgs)
+            self._check_enums()
+            self._take_fd = o.program("fr_moq_take").fd
+            self._counter_names = {v: k.removeprefix("FR_MQ_").lower()
+                                   for k, v in o.enum("fr_moq_counter").items() if k != "FR_MQ_MAX"}
+            self._cfg.update(0, abi.MoqConfig(port=socket.htons(port), enabled=1,
+                                              csum_v6_flags=l4_csum_ipv6_flag()))
+            for ifindex in dict.fromkeys(ingress):
+                self.links.append(TcLink(o.program("fr_moq_ingress").fd, "fr_moq_ingress", ifindex, "ingress"))
+            for ifindex in dict.fromkeys(egress):
+                self.links.append(TcLink(o.program("fr_moq_egress").fd, "fr_moq_egress", ifindex, "egress"))
+        except BaseException:
+            self.close()
+            raise
+        self._next_up = 1
+        self._free_slots = list(range(abi.FR_MOQ_MAX_CONNS - 1, -1, -1))
+        self._gen = 0
+        self.conns: dict[int, ConnSpec] = {}
+        self._slot_gen: dict[int, int] = {}
+        self.track_sets: dict[int, list[int]] = {}
+        self._subs: dict[int, set[int]] = {}  # slot -> tracks
+        self._ups: dict[int, bytes] = {}  # up id -> cid
+        self._aliases: dict[int, set[int]] = {}  # up id -> aliases
+
+    def _check_enums(self) -> None:
+        for enum_type, name, prefix in ((Take, "fr_moq_take_op", "FR_MOQ_"),
+                                        (EventKind, "fr_moq_event_kind", "FR_MOQ_EV_"),
+                                        (StreamState, "fr_moq_dstream_state", "FR_MOQ_DS_")):
+            kernel = self.obj.enum(name)
+            for member in enum_type:
+                names = [k for k, v in kernel.items() if v == member.value and k.startswith(prefix)]
+                if not names or not any(n.endswith(member.name) for n in names):
+                    raise KernelError(f"{name}: {enum_type.__name__}.{member.name} = {member.value} does not match")
+
+    # ---- publishers
+    def add_upstream(self, cid: bytes, peer: tuple[str, int]) -> int:
+        """A publisher connection whose handshake completed: its 1-RTT packets to the relay
+        (destination connection id `cid`, from `peer` only) are fanned out."""
+        up = self._next_up
+        self._next_up += 1
+        self._up.update(self._cid(cid), abi.MoqUpconn(id=up, family=_family(peer[0]), peer_port=socket.htons(peer[1]),
+                                                      peer_ip=(ctypes.c_uint8 * 16)(*_ip_bytes(peer[0]))))
+        self._ups[up] = {cid}
+        return up
+
+    def upstream_cids(self, up: int, cids: set[bytes]) -> None:
+        """The relay's connection ids on publisher connection `up` are now `cids`
+        (NEW_CONNECTION_ID / RETIRE_CONNECTION_ID)."""
+        old = self._ups.get(up)
+        if not old or not cids:
+            return
+        value = self._up.lookup(self._cid(next(iter(old))))
+        for cid in old - cids:
+            self._up.delete(self._cid(cid))
+        for cid in cids - old:
+            self._up.update(self._cid(cid), value)
+        self._ups[up] = set(cids)
+
+    def remove_upstream(self, up: int) -> None:
+        """Forget a publisher connection: its ids, aliases and learnt streams."""
+        for cid in self._ups.pop(up, set()):
+            self._up.delete(self._cid(cid))
+        for alias in self._aliases.pop(up, set()):
+            self._alias.delete(abi.MoqAliasKey(up=up, alias=alias))
+        for key in _keys(self._ustream):
+            if key.conn == up:
+                self._ustream.delete(key)
+        for key in _keys(self._dstream):
+            if key.up == up:
+                self._dstream.delete(key)
+
+    def set_alias(self, up: int, alias: int, track: int, default_priority: int = 128) -> None:
+        """Subgroups that publisher `up` sends with `alias` belong to `track`."""
+        if not 0 <= track < abi.FR_MOQ_MAX_TRACK_IDS:
+            raise ValueError(f"track id {track} out of range")
+        self._alias.update(abi.MoqAliasKey(up=up, alias=alias), abi.MoqAliasVal(track=track,
+                                                                                 default_priority=default_priority))
+        self._aliases.setdefault(up, set()).add(alias)
+
+    def remove_alias(self, up: int, alias: int) -> None:
+        self._alias.delete(abi.MoqAliasKey(up=up, alias=alias))
+        self._aliases.get(up, set()).discard(alias)
+
+    def stream_ended(self, up: int, stream: int) -> None:
+        """An upstream stream finished or was reset: drop what the kernel learnt about it."""
+        self._ustream.delete(abi.MoqStreamKey(conn=up, stream=stream))
+        for slot in self.conns:
+            self._dstream.delete(abi.MoqStreamKey(conn=slot, up=up, stream=stream))
+
+    # ---- subscribers
+    def add_conn(self, spec: ConnSpec, *, next_pn: int, next_stream: int, budget: int, credit: int) -> int:
+        """A subscriber connection (handshake completed, address validated); returns its slot."""
+        if len(spec.dcid) != abi.FR_MOQ_CID_LEN:
+            raise ValueError(f"connection id of {len(spec.dcid)} bytes; the kernel path needs {abi.FR_MOQ_CID_LEN}")
+        if not self._free_slots:
+            raise KernelError("no free subscriber slot in the kernel path")
+        slot = self._free_slots.pop()
+        self._gen = self._gen % 0xFFFFFFFF + 1
+        self._state.update(slot, abi.MoqState(next_pn=next_pn, next_stream=next_stream, budget=budget, credit=credit))
+        self._conns.update(slot, self._conn_value(spec, self._gen))
+        self._dcid.update(self._cid(spec.dcid), abi.MoqSlot(slot=slot, gen=self._gen))
+        self.conns[slot] = spec
+        self._slot_gen[slot] = self._gen
+        self._subs[slot] = set()
+        return slot
+
+    def update_conn(self, slot: int, spec: ConnSpec) -> None:
+        """New limits or next hop for a connection (same slot and generation)."""
+        old = self.conns[slot]
+        if old.dcid != spec.dcid:
+            self._dcid.delete(self._cid(old.dcid))
+            self._dcid.update(self._cid(spec.dcid), abi.MoqSlot(slot=slot, gen=self._slot_gen[slot]))
+        self._conns.update(slot, self._conn_value(spec, self._slot_gen[slot]))
+        self.conns[slot] = spec
+
+    def _conn_value(self, spec: ConnSpec, gen: int) -> abi.MoqConn:
+        u8x16 = ctypes.c_uint8 * 16
+        return abi.MoqConn(gen=gen, ifindex=spec.ifindex, dst_mac=(ctypes.c_uint8 * 6)(*_mac(spec.dst_mac)),
+                           src_mac=(ctypes.c_uint8 * 6)(*_mac(spec.src_mac)), dst_port=socket.htons(spec.dst[1]),
+                           src_port=socket.htons(spec.src[1]), family=_family(spec.dst[0]),
+                           protect_priority=spec.protect_priority, max_payload=spec.max_payload,
+                           dst_ip=u8x16(*_ip_bytes(spec.dst[0])), src_ip=u8x16(*_ip_bytes(spec.src[0])),
+                           dcid=(ctypes.c_uint8 * abi.FR_MOQ_CID_LEN)(*spec.dcid), max_stream=spec.max_stream,
+                           stream_window=spec.stream_window, abandon_below=spec.abandon_below)
+
+    def remove_conn(self, slot: int) -> None:
+        """Take a connection out of the kernel path and free every entry it had."""
+        spec = self.conns.pop(slot, None)
+        if spec is None:
+            return
+        for track in list(self._subs.pop(slot, set())):
+            self.unsubscribe(slot, track)
+        self._conns.update(slot, abi.MoqConn())  # gen 0: clones in flight are dropped
+        self._dcid.delete(self._cid(spec.dcid))
+        for key in _keys(self._dstream):
+            if key.conn == slot:
+                self._dstream.delete(key)
+        self._state.update(slot, abi.MoqState())
+        self._slot_gen.pop(slot, None)
+        self._free_slots.append(slot)
+
+    def subscribe(self, slot: int, track: int, alias: int) -> None:
+        """From now on, new subgroups of `track` go to connection `slot` as `alias`."""
+        self._dsub.update(abi.MoqDsubKey(conn=slot, track=track), abi.MoqDsub(alias=alias))
+        members = self.track_sets.setdefault(track, [])
+        if slot not in members:
+            if len(members) >= abi.FR_MOQ_MAX_SUBS:
+                raise KernelError(f"track {track} has {abi.FR_MOQ_MAX_SUBS} kernel-path subscribers already")
+            members.append(slot)
+            self._write_track(track)
+        self._subs.setdefault(slot, set()).add(track)
+
+    def unsubscribe(self, slot: int, track: int) -> None:
+        members = self.track_sets.get(track, [])
+        if slot in members:
+            members.remove(slot)
+            self._write_track(track)
+        if not members:
+            self.track_sets.pop(track, None)
+        self._dsub.delete(abi.MoqDsubKey(conn=slot, track=track))
+        self._subs.get(slot, set()).discard(track)
+
+    def _write_track(self, track: int) -> None:
+        members = self.track_sets.get(track, [])
+        value = abi.MoqTrack(count=len(members))
+        for i, slot in enumerate(members):
+            value.conns[i] = slot
+        self._tracks.update(track, value)
+
+    # ---- shared counters and per-stream state
+    def take(self, slot: int, op: Take, value: int) -> int:
+        """Apply one atomic change to connection `slot`'s counters; the previous value."""
+        args = abi.MoqTakeArgs(slot=slot, op=int(op), value=value)
+        # a syscall program's context is copied back into ctx_in (ctx_out is refused)
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), ctx_in=ctypes.addressof(args),
+                              ctx_size_in=ctypes.sizeof(args))
+        check(lib.bpf_prog_test_run_opts(self._take_fd, ctypes.byref(opts)), "fr_moq_take")
+        if ctypes.c_int32(opts.retval).value != 0:
+            raise KernelError(f"fr_moq_take({slot}, {op.name}) failed")
+        return args.result
+
+    def state(self, slot: int) -> abi.MoqState:
+        return self._state.lookup(slot)
+
+    def dstream(self, slot: int, up: int, stream: int) -> abi.MoqDstream | None:
+        """What the egress decided for upstream stream `stream` of `up` towards `slot`."""
+        return self._dstream.lookup(abi.MoqStreamKey(conn=slot, up=up, stream=stream))
+
+    def set_stream_limit(self, slot: int, up: int, stream: int, limit: int) -> None:
+        """The subscriber raised MAX_STREAM_DATA on a kernel-forwarded stream."""
+        key = abi.MoqStreamKey(conn=slot, up=up, stream=stream)
+        ds = self._dstream.lookup(key)
+        if ds is not None and limit > ds.limit:
+            ds.limit = limit
+            self._dstream.update(key, ds)
+
+    def map_entries(self) -> dict[str, int]:
+        """How many entries each per-connection/per-stream map holds (leak checks)."""
+        maps = {"up": self._up, "alias": self._alias, "ustream": self._ustream, "dsub": self._dsub,
+                "dcid": self._dcid, "dstream": self._dstream}
+        counts = {name: len(_keys(m)) for name, m in maps.items()}
+        counts["conns"] = sum(1 for slot in range(abi.FR_MOQ_MAX_CONNS) if self._conns.lookup(slot).gen)
+        counts["tracks"] = len(self.track_sets)
+        return counts
+
+    # ---- records and counters
+    def fileno(self) -> int:
+        return self._events.fileno()
+
+    def drain(self, budget: int = RING_BUDGET) -> np.ndarray:
+        """Records the kernel wrote since the last call (numpy structured array)."""
+        return self._events.consume(budget)
+
+    def counters(self) -> dict[str, int]:
+        sums = self._stats.sum_counters()
+        return {name: sums[i] for i, name in self._counter_names.items()}
+
+    @staticmethod
+    def _cid(cid: bytes) -> abi.MoqCid:
+        if len(cid) != abi.FR_MOQ_CID_LEN:
+            raise ValueError(f"connection id of {len(cid)} bytes; the kernel path needs {abi.FR_MOQ_CID_LEN}")
+        return abi.MoqCid(b=(ctypes.c_uint8 * abi.FR_MOQ_CID_LEN)(*cid))
+
+    def close(self) -> None:
+        for link in self.links:
+            link.detach()
+        self.links.clear()
+        if getattr(self, "_events", None) is not None:
+            self._events.close()
+            self._events = None
+        self.obj.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,282 @@
+"""bpf/moq_fastpath.bpf.c in a real lab, driven with hand-built plaintext QUIC packets.
+
+A publisher namespace sends 1-RTT packets (identity protection: frames in clear, 16-byte
+zero tag) to the relay's port; the ingress program must clone the media frames to every
+kernel-path subscriber of the track, the egress program must turn each clone into a packet
+of that subscriber's connection (addresses, connection id, packet number from the shared
+counter, stream id, offsets, track alias), with valid checksums, and report it; the
+original must reach the relay's socket unchanged. Packets the relay's own socket sends on
+a subscriber connection must be renumbered from the same counter.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from fastrelay.lab.capture import capture, udp_frames
+from fastrelay.lab.topology import Lab
+from fastrelay.moq.fastpath import ConnSpec, EventKind, MoqFastPath, StreamState, Take
+from fastrelay.moq.wire import Writer
+from fastrelay.netns import entered
+
+pytestmark = pytest.mark.usefixtures("root")
+
+PORT = 4443
+PUB_PORT = 5555
+SUB_PORT = 6000
+UP_CID = bytes.fromhex("1111111111111111")
+TAG = bytes(16)
+ALIAS = 5
+TRACK = 7
+
+
+def varint(v: int) -> bytes:
+    return bytes(Writer().varint(v).buf)
+
+
+def short_packet(cid: bytes, pn: int, frames: bytes) -> bytes:
+    return bytes([0x41]) + cid + pn.to_bytes(2, "big") + frames + TAG
+
+
+def stream_frame(sid: int, offset: int, data: bytes, fin: bool = False, explicit_len: bool = True) -> bytes:
+    t = 0x08 | (0x04 if offset else 0) | (0x02 if explicit_len else 0) | (0x01 if fin else 0)
+    out = bytes([t]) + varint(sid)
+    if offset:
+        out += varint(offset)
+    if explicit_len:
+        out += varint(len(data))
+    return out + data
+
+
+def parse_frames(payload: bytes) -> tuple[int, bytes, list[tuple]]:
+    """(packet number, dcid, [(kind, stream, offset, data, fin)]) of a packet the egress built."""
+    assert payload[0] == 0x41 and payload[-16:] == TAG
+    dcid, pn = payload[1:9], int.from_bytes(payload[9:11], "big")
+    body, pos, frames = payload[11:-16], 0, []
+
+    def rv() -> int:
+        nonlocal pos
+        n = 1 << (body[pos] >> 6)
+        v = int.from_bytes(body[pos:pos + n], "big") & ((1 << (8 * n - 2)) - 1)
+        pos += n
+        return v
+
+    while pos < len(body):
+        t = rv()
+        if 0x08 <= t <= 0x0F:
+            sid = rv()
+            off = rv() if t & 4 else 0
+            n = rv() if t & 2 else len(body) - pos
+            frames.append(("stream", sid, off, body[pos:pos + n], bool(t & 1)))
+            pos += n
+        elif t == 0x31:
+            n = rv()
+            frames.append(("datagram", None, 0, body[pos:pos + n], False))
+            pos += n
+        else:
+            raise AssertionError(f"unexpected frame type {t:#x}")
+    return pn, dcid, frames
+
+
+@pytest.fixture(scope="module")
+def lab(root):
+    with Lab("tk", 3) as lab:
+        yield lab
+
+
+class Rig:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        with entered(lab.relay_ns):
+            idx = {link.relay_ifname: socket.if_nametoindex(link.relay_ifname) for link in lab.links}
+            self.fp = MoqFastPath(PORT, ingress=[idx["pub0"]], egress=[idx[s.relay_ifname] for s in lab.subscribers])
+            self.relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.relay_sock.bind(("0.0.0.0", PORT))
+        self.relay_sock.settimeout(2)
+        with entered(lab.publisher.netns):
+            self.pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.pub.bind((lab.publisher.ipv4, PUB_PORT))
+        self.up = self.fp.add_upstream(UP_CID, (lab.publisher.ipv4, PUB_PORT))
+        self.fp.set_alias(self.up, ALIAS, TRACK, default_priority=100)
+        self.caps = [capture(s) for s in lab.subscribers]
+        self.slots: list[int] = []
+        self.idx = idx
+
+    def add_sub(self, i: int, alias: int, *, next_stream: int, budget: int = 1 << 20, credit: int = 1 << 20,
+                max_stream: int = 4 * 100 + 3, window: int = 1 << 20, protect: int = 0) -> int:
+        link = self.lab.subscribers[i]
+        spec = ConnSpec(ifindex=self.idx[link.relay_ifname], src_mac=link.relay_mac, dst_mac=link.mac,
+                        src=(link.relay_ipv4, PORT), dst=(link.ipv4, SUB_PORT), dcid=bytes([0xA0 + i]) * 8,
+                        max_stream=max_stream, stream_window=window, protect_priority=protect)
+        slot = self.fp.add_conn(spec, next_pn=1000 * (i + 1), next_stream=next_stream, budget=budget, credit=credit)
+        self.fp.subscribe(slot, TRACK, alias)
+        self.slots.append(slot)
+        return slot
+
+    def send(self, payload: bytes) -> bytes:
+        self.pub.sendto(payload, (self.lab.publisher.relay_ipv4, PORT))
+        got, _ = self.relay_sock.recvfrom(4096)
+        return got
+
+    def received(self, i: int, expect: int, timeout: float = 2.0) -> list[dict]:
+        frames: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while len(frames) < expect and time.monotonic() < deadline:
+            frames += udp_frames(self.caps[i], SUB_PORT)
+            time.sleep(0.01)
+        time.sleep(0.05)
+        return frames + udp_frames(self.caps[i], SUB_PORT)
+
+    def close(self) -> None:
+        for c in self.caps:
+            c.close()
+        self.pub.close()
+        self.relay_sock.close()
+        self.fp.close()
+
+
+@pytest.fixture
+def rig(lab):
+    r = Rig(lab)
+    yield r
+    r.close()
+
+
+def subgroup_header(alias: int, group: int, priority: int | None) -> bytes:
+    if priority is None:
+        return bytes([0x30]) + varint(alias) + varint(group)  # DEFAULT_PRIORITY
+    return bytes([0x10]) + varint(alias) + varint(group) + bytes([priority])
+
+
+def test_media_frames_fan_out_rewritten_per_subscriber(rig):
+    s0 = rig.add_sub(0, alias=9, next_stream=3)
+    s1 = rig.add_sub(1, alias=1000, next_stream=11)   # 2-byte alias: offsets shift by one
+    head = subgroup_header(ALIAS, 3, 0x20)
+    obj1, obj2 = b"\x00\x05hello", b"\x01\x05world"
+    ack = bytes([0x02]) + varint(5) + varint(0) + varint(1) + varint(2) + varint(0) + varint(0)
+    first = head + obj1
+    p1 = short_packet(UP_CID, 7, ack + b"\0\0\0" + stream_frame(2, 0, first) + stream_frame(0, 40, b"control"))
+    assert rig.send(p1) == p1                         # the original goes up unchanged
+    p2 = short_packet(UP_CID, 8, stream_frame(2, len(first), obj2, fin=True, explicit_len=False))
+    assert rig.send(p2) == p2
+
+    for i, (alias_bytes, sid, pn0) in enumerate([(varint(9), 3, 1000), (varint(1000), 11, 2000)]):
+        got = rig.received(i, 2)
+        assert len(got) == 2, got
+        assert all(f["ip_ok"] and f["udp_ok"] for f in got)
+        link = rig.lab.subscribers[i]
+        assert {(f["src"], f["sport"], f["dst"], f["dst_mac"], f["src_mac"]) for f in got} == {
+            (link.relay_ipv4, PORT, link.ipv4, link.mac, link.relay_mac)}
+        new_head = bytes([0x10]) + alias_bytes + varint(3) + bytes([0x20])
+        pn, dcid, frames = parse_frames(got[0]["payload"])
+        assert (pn, dcid) == (pn0, bytes([0xA0 + i]) * 8)
+        assert frames == [("stream", sid, 0, new_head + obj1, False)]   # no ACK, no control-stream data
+        pn, _, frames = parse_frames(got[1]["payload"])
+        assert pn == pn0 + 1
+        assert frames == [("stream", sid, len(new_head + obj1), obj2, True)]
+
+    events = rig.fp.drain()
+    sent = events[events["kind"] == EventKind.SENT]
+    assert len(sent) == 4 and set(sent["slot"]) == {s0, s1}
+    for ev in sent:
+        fr = ev["frames"][0]
+        assert ev["nframes"] == 1 and ev["up"] == rig.up and fr["up_stream"] == 2
+        if ev["slot"] == s1:
+            assert fr["stream"] == 11 and (fr["offset"] == 0 or fr["offset"] == fr["up_offset"] + 1)
+    counters = rig.fp.counters()
+    assert counters["fanned"] == 2 and counters["clones"] == 4 and counters["sent"] == 4
+    assert rig.fp.state(s0).next_pn == 1002 and rig.fp.state(s0).next_stream == 7
+    assert rig.fp.dstream(s1, rig.up, 2).state == StreamState.FORWARD
+
+
+def test_userspace_packets_are_renumbered_from_the_shared_counter(rig):
+    s0 = rig.add_sub(0, alias=9, next_stream=3)
+    assert rig.fp.take(s0, Take.PN, 3) == 1000        # userspace reserved 1000..1002
+    link = rig.lab.subscribers[0]
+    own = short_packet(bytes([0xA0]) * 8, 0x1234, bytes([0x01]) + b"\0" * 20)
+    rig.relay_sock.sendto(own, (link.ipv4, SUB_PORT))
+    other = short_packet(bytes([0xEE]) * 8, 0x0042, bytes([0x01]) + b"\0" * 20)  # not a kernel-path connection
+    rig.relay_sock.sendto(other, (link.ipv4, SUB_PORT))
+    got = rig.received(0, 2)
+    assert len(got) == 2 and all(f["udp_ok"] for f in got)
+    by_dcid = {f["payload"][1:9]: f["payload"] for f in got}
+    assert int.from_bytes(by_dcid[bytes([0xA0]) * 8][9:11], "big") == 1003
+    assert by_dcid[bytes([0xEE]) * 8] == other
+    ev = rig.fp.drain()
+    ren = ev[ev["kind"] == EventKind.RENUMBERED]
+    assert len(ren) == 1 and ren[0]["pn"] == 1003 and ren[0]["local_pn"] == 0x1234 and ren[0]["slot"] == s0
+
+
+def test_congested_subscriber_skips_whole_low_priority_subgroups(rig):
+    calm = rig.add_sub(0, alias=9, next_stream=3)
+    busy = rig.add_sub(1, alias=9, next_stream=3, budget=0, protect=0x20)
+    # keyframe subgroup (priority 0x10) and a dependent one (0x80): the congested subscriber
+    # keeps the important one and never sees any byte of the other
+    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0x10) + b"\x00\x03key")))
+    rig.send(short_packet(UP_CID, 2, stream_frame(6, 0, subgroup_header(ALIAS, 1, 0x80) + b"\x00\x03dep")))
+    rig.send(short_packet(UP_CID, 3, stream_frame(6, 8, b"\x00\x03dep", fin=True)))
+    assert len(rig.received(0, 3)) == 3
+    busy_got = rig.received(1, 1)
+    assert len(busy_got) == 1 and parse_frames(busy_got[0]["payload"])[2][0][1] == 3
+    assert rig.fp.dstream(busy, rig.up, 6).state == StreamState.SKIPPED
+    assert rig.fp.dstream(calm, rig.up, 6).state == StreamState.FORWARD
+    assert rig.fp.counters()["skip_congestion"] == 1
+
+
+def test_stream_that_began_before_the_subscriber_stays_userspace(rig):
+    rig.add_sub(0, alias=9, next_stream=3)
+    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, None) + b"\x00\x02ab")))
+    late = rig.add_sub(1, alias=9, next_stream=3)
+    rig.send(short_packet(UP_CID, 2, stream_frame(2, 6, b"\x00\x02cd")))
+    # a retransmission of the start must not open the stream for the late subscriber either
+    rig.send(short_packet(UP_CID, 3, stream_frame(2, 0, subgroup_header(ALIAS, 1, None) + b"\x00\x02ab")))
+    assert len(rig.received(0, 3)) == 3
+    assert rig.received(1, 0, timeout=0.2) == []
+    assert rig.fp.dstream(late, rig.up, 2).state == StreamState.NOT_JOINED
+
+
+def test_flow_control_hands_the_stream_to_userspace(rig):
+    slot = rig.add_sub(0, alias=9, next_stream=3, window=12)
+    head = subgroup_header(ALIAS, 1, 0x10)
+    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, head + b"\x00\x03abc")))   # 9 bytes fit
+    rig.send(short_packet(UP_CID, 2, stream_frame(2, 9, b"\x00\x03def")))           # would pass 12
+    got = rig.received(0, 1)
+    assert len(got) == 1
+    ds = rig.fp.dstream(slot, rig.up, 2)
+    assert ds.state == StreamState.USER and ds.handover == 9
+    ev = rig.fp.drain()
+    hand = ev[ev["kind"] == EventKind.HANDOVER]
+    assert len(hand) == 1 and hand[0]["frames"][0]["up_offset"] == 9 and hand[0]["frames"][0]["stream"] == 3
+
+
+def test_malformed_and_foreign_packets_only_go_up(rig):
+    rig.add_sub(0, alias=9, next_stream=3)
+    bad_len = short_packet(UP_CID, 1, bytes([0x0A]) + varint(2) + varint(500) + b"short")
+    unknown_frame = short_packet(UP_CID, 2, bytes([0x21]) + b"xx")
+    bad_tag = bytes([0x41]) + UP_CID + b"\0\1" + stream_frame(2, 0, b"\x10\x05\x01\x00") + b"\1" * 16
+    other_cid = short_packet(b"\x22" * 8, 3, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01x"))
+    for p in (bad_len, unknown_frame, bad_tag, other_cid):
+        assert rig.send(p) == p
+    with entered(rig.lab.publisher.netns):   # a spoofed source with the right connection id
+        spoof = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    spoof.sendto(short_packet(UP_CID, 4, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01x")),
+                 (rig.lab.publisher.relay_ipv4, PORT))
+    rig.relay_sock.recvfrom(4096)
+    spoof.close()
+    assert rig.received(0, 0, timeout=0.2) == []
+    c = rig.fp.counters()
+    assert c["pass_unparsed"] == 2 and c["pass_bad_tag"] == 1 and c["pass_spoofed"] == 1 and c["clones"] == 0
+
+
+def test_removing_a_connection_frees_its_entries(rig):
+    slot = rig.add_sub(0, alias=9, next_stream=3)
+    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01x")))
+    assert rig.fp.map_entries()["dstream"] == 1
+    rig.fp.remove_conn(slot)
+    rig.fp.stream_ended(rig.up, 2)
+    rig.fp.remove_upstream(rig.up)
+    assert rig.fp.map_entries() == {"up": 0, "alias": 0, "ustream": 0, "dsub": 0, "dcid": 0, "dstream": 0,
+                                    "conns": 0, "tracks": 0}
