@@ -6,7 +6,15 @@ an aioquic upgrade that moves these attributes fails loudly instead of silently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from aioquic import tls
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet_builder import QuicDeliveryHandler, QuicSentPacket
+from aioquic.quic.rangeset import RangeSet
+from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 
 
 def congestion_window(quic: QuicConnection) -> int:
@@ -23,3 +31,229 @@ def send_backlog(quic: QuicConnection) -> int:
         if sender._reset_error_code is None and not sender.is_finished:
             total += sender._buffer_stop - sender._buffer_start
     return total
+
+
+# ---- packets sent outside aioquic (quic/registration.py)
+# All of these act on the 1-RTT packet number space, the only one a kernel data path touches.
+
+AckObserver = Callable[[RangeSet, float, float], None]  # (acked ranges, ack delay in s, arrival time)
+
+
+def _one_rtt_space(quic: QuicConnection) -> QuicPacketSpace:
+    return quic._spaces[tls.Epoch.ONE_RTT]
+
+
+def one_rtt_crypto(quic: QuicConnection) -> CryptoPair:
+    """The connection's 1-RTT packet protection (`.send` protects what this endpoint sends)."""
+    return quic._cryptos[tls.Epoch.ONE_RTT]
+
+
+def peer_cid(quic: QuicConnection) -> bytes:
+    """The destination connection id this endpoint currently puts on its packets."""
+    return quic._peer_cid.cid
+
+
+def next_packet_number(quic: QuicConnection) -> int:
+    """The number aioquic gives its next packet."""
+    return quic._packet_number
+
+
+def reserve_packet_numbers(quic: QuicConnection, below: int) -> None:
+    """Make aioquic number its next packets from `below` up (never moves the counter back)."""
+    quic._packet_number = max(quic._packet_number, below)
+
+
+def bytes_in_flight(quic: QuicConnection) -> int:
+    """Bytes of in-flight packets neither acknowledged nor declared lost."""
+    return quic._loss.bytes_in_flight
+
+
+def smoothed_rtt(quic: QuicConnection) -> float | None:
+    """The smoothed RTT in seconds, None before the first sample."""
+    return quic._loss._rtt_smoothed if quic._loss._rtt_initialized else None
+
+
+def sent_packet_numbers(quic: QuicConnection) -> list[int]:
+    """Numbers of the 1-RTT packets awaiting acknowledgement, in recovery's stored order."""
+    return list(_one_rtt_space(quic).sent_packets)
+
+
+def connection_credit(quic: QuicConnection) -> int:
+    """Stream bytes the peer's MAX_DATA still allows on this connection."""
+    return quic._remote_max_data - quic._remote_max_data_used
+
+
+def peer_max_streams_uni(quic: QuicConnection) -> int:
+    """How many unidirectional streams the peer lets this endpoint open (its MAX_STREAMS)."""
+    return quic._remote_max_streams_uni
+
+
+def _local_uni(quic: QuicConnection, stream_id: int) -> bool:
+    return stream_id >= 0 and stream_id & 3 == (2 if quic.configuration.is_client else 3)
+
+
+def is_stream_open(quic: QuicConnection, stream_id: int) -> bool:
+    """Whether aioquic holds state for the stream (not yet finished and discarded)."""
+    return stream_id in quic._streams
+
+
+def open_send_stream(quic: QuicConnection, stream_id: int) -> None:
+    """Create the local unidirectional stream `stream_id` as aioquic does on a first write, and move
+    aioquic's allocator past it. The caller decides that the id was never used before."""
+    if not _local_uni(quic, stream_id):
+        raise ValueError(f"stream {stream_id} is not a unidirectional stream this endpoint initiates")
+    if stream_id in quic._streams:
+        raise ValueError(f"stream {stream_id} is already open")
+    if stream_id // 4 >= quic._remote_max_streams_uni:
+        raise ValueError(f"stream {stream_id} is beyond the peer's limit of {quic._remote_max_streams_uni}"
+                         " unidirectional streams")
+    stream = QuicStream(stream_id=stream_id, max_stream_data_local=0,
+                        max_stream_data_remote=quic._remote_max_stream_data_uni, readable=False)
+    quic._streams[stream_id] = stream
+    quic._streams_queue.append(stream)
+    quic._local_next_stream_id_uni = max(quic._local_next_stream_id_uni, stream_id + 4)
+
+
+def _send_stream(quic: QuicConnection, stream_id: int) -> QuicStream:
+    stream = quic._streams.get(stream_id)
+    if stream is None or not _local_uni(quic, stream_id):
+        raise ValueError(f"stream {stream_id} is not an open send stream")
+    return stream
+
+
+def stream_credit(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes the peer's MAX_STREAM_DATA still allows beyond the highest offset sent on the stream."""
+    stream = _send_stream(quic, stream_id)
+    return stream.max_stream_data_remote - stream.sender.highest_offset
+
+
+def stream_delivery_handler(quic: QuicConnection, stream_id: int) -> QuicDeliveryHandler:
+    """The handler aioquic attaches to a STREAM frame of `stream_id`: called with (state, start, stop, fin)."""
+    return _send_stream(quic, stream_id).sender.on_data_delivery
+
+
+def check_sent_stream_data(quic: QuicConnection, stream_id: int, offset: int, size: int, fin: bool,
+                           placeholders: RangeSet) -> None:
+    """Raise ValueError unless bytes [offset, offset+size) (+FIN) can be held as sent on the stream:
+    above what was acknowledged, within the final size, and not overlapping bytes the sender already
+    holds, except its `placeholders` (gaps left by data registered ahead of them)."""
+    sender = _send_stream(quic, stream_id).sender
+    stop = offset + size
+    if offset < 0 or size < 0:
+        raise ValueError(f"stream {stream_id}: negative offset or size")
+    if sender._reset_error_code is not None:
+        return  # bytes sent after a reset only count for flow control
+    if offset < sender._buffer_start:
+        raise ValueError(f"stream {stream_id}: offset {offset} is below acknowledged offset {sender._buffer_start}")
+    final = sender._buffer_fin
+    if final is not None and (stop > final or (fin and stop != final)):
+        raise ValueError(f"stream {stream_id}: bytes up to {stop} (fin={fin}) contradict final size {final}")
+    if fin and stop < sender._buffer_stop:
+        raise ValueError(f"stream {stream_id}: FIN at {stop} below bytes held up to {sender._buffer_stop}")
+    overlap_stop = min(stop, sender._buffer_stop)
+    if offset < overlap_stop and not any(r.start <= offset and overlap_stop <= r.stop for r in placeholders):
+        raise ValueError(f"stream {stream_id}: bytes {offset}..{overlap_stop} are already held")
+
+
+def hold_sent_stream_data(quic: QuicConnection, stream_id: int, offset: int, data: bytes, fin: bool,
+                          placeholders: RangeSet) -> None:
+    """Put bytes that left outside aioquic into the stream's sender as sent and in flight (not pending):
+    an ACK releases them, a loss re-queues exactly that range. Bytes above the stream's highest offset
+    are charged to connection flow control. A gap below `offset` becomes a placeholder in
+    `placeholders`; bytes that fill one remove it. Call check_sent_stream_data first."""
+    stream = _send_stream(quic, stream_id)
+    sender = stream.sender
+    stop = offset + len(data)
+    if stop > sender.highest_offset:
+        quic._remote_max_data_used += stop - sender.highest_offset
+        sender.highest_offset = stop
+    if sender._reset_error_code is not None:
+        return
+    if offset > sender._buffer_stop:
+        placeholders.add(sender._buffer_stop, offset)
+    if stop > sender._buffer_stop:
+        sender._buffer += bytes(stop - sender._buffer_stop)
+        sender._buffer_stop = stop
+    if data:
+        placeholders.subtract(offset, stop)
+        base = sender._buffer_start
+        sender._buffer[offset - base : stop - base] = data
+    if fin:
+        sender._buffer_fin = stop
+        sender._pending_eof = False
+
+
+def count_sent_packet(quic: QuicConnection, packet: QuicSentPacket) -> None:
+    """Account a 1-RTT packet as sent (bytes in flight, congestion control, probe timer) without
+    storing it for acknowledgement; insert_sent_packet stores it."""
+    space = _one_rtt_space(quic)
+    loss = quic._loss
+    last_sent = loss._time_of_last_sent_ack_eliciting_packet
+    stored, space.sent_packets = space.sent_packets, {}
+    try:
+        QuicPacketRecovery.on_packet_sent(loss, packet=packet, space=space)
+    finally:
+        space.sent_packets = stored
+    # a packet registered late must not move the probe timer back
+    loss._time_of_last_sent_ack_eliciting_packet = max(last_sent, loss._time_of_last_sent_ack_eliciting_packet)
+
+
+def insert_sent_packet(quic: QuicConnection, packet: QuicSentPacket) -> None:
+    """Store a 1-RTT packet for acknowledgement and loss detection, keeping the packet-number order
+    recovery relies on (it bisects the stored numbers and stops at the first above the largest acked)."""
+    sent = _one_rtt_space(quic).sent_packets
+    number = packet.packet_number
+    if number in sent:
+        raise ValueError(f"packet {number} is already awaiting acknowledgement")
+    later: list[int] = []
+    for n in reversed(sent):
+        if n < number:
+            break
+        later.append(n)
+    moved = [(n, sent.pop(n)) for n in reversed(later)]
+    sent[number] = packet
+    sent.update(moved)
+
+
+def intercept_one_rtt_sent(quic: QuicConnection, take: Callable[[QuicSentPacket], None]) -> None:
+    """From now on, 1-RTT packets aioquic builds are accounted as sent (count_sent_packet) and handed
+    to `take` instead of being stored for acknowledgement: their number on the wire is not known yet."""
+    loss = quic._loss
+    if "on_packet_sent" in vars(loss):
+        raise RuntimeError("this connection's sent packets are already intercepted")
+    one_rtt = _one_rtt_space(quic)
+    original = loss.on_packet_sent
+
+    def on_packet_sent(*, packet: QuicSentPacket, space: QuicPacketSpace) -> None:
+        if space is not one_rtt:
+            original(packet=packet, space=space)
+            return
+        count_sent_packet(quic, packet)
+        take(packet)
+
+    loss.on_packet_sent = on_packet_sent
+
+
+def observe_one_rtt_acks(quic: QuicConnection, observer: AckObserver) -> None:
+    """Call `observer(ranges, ack_delay, now)` for every ACK frame of the 1-RTT space, before aioquic
+    processes it."""
+    loss = quic._loss
+    if "on_ack_received" in vars(loss):
+        raise RuntimeError("this connection's ACKs are already observed")
+    one_rtt = _one_rtt_space(quic)
+    original = loss.on_ack_received
+
+    def on_ack_received(*, ack_rangeset: RangeSet, ack_delay: float, now: float, space: QuicPacketSpace) -> None:
+        if space is one_rtt:
+            observer(ack_rangeset, ack_delay, now)
+        original(ack_rangeset=ack_rangeset, ack_delay=ack_delay, now=now, space=space)
+
+    loss.on_ack_received = on_ack_received
+
+
+def apply_ack(quic: QuicConnection, ranges: RangeSet, ack_delay: float, now: float) -> None:
+    """Process an acknowledgement of 1-RTT packets as if an ACK frame with `ranges` arrived at `now`
+    (acked handlers, RTT sample if the largest is newly acked, congestion control, loss detection),
+    bypassing the observer."""
+    QuicPacketRecovery.on_ack_received(quic._loss, ack_rangeset=ranges, ack_delay=ack_delay, now=now,
+                                       space=_one_rtt_space(quic))
