@@ -5,9 +5,9 @@ import ctypes
 import pytest
 
 from fastrelay.kernel import abi
-from fastrelay.kernel.build import build
+from fastrelay.kernel.build import BPF_DIR, build
 from fastrelay.kernel.errors import LayoutError, LoadError
-from fastrelay.kernel.objects import BpfObject
+from fastrelay.kernel.objects import LAYOUTS, BpfObject, MapLayout, RingLayout
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -108,10 +108,34 @@ def test_layout_mismatch_missing_member_is_named():
         obj.struct("fr_fanout_event", Renamed)
 
 
-def test_every_mirror_matches_its_object():
-    with BpfObject.load("lab_probe") as obj:
-        obj.map("fr_probe_cfg", ctypes.c_uint32, abi.ProbeConfig)
-        obj.map("fr_probe_ts", ctypes.c_uint32, abi.ProbeTs)
-        obj.map("fr_probe_hist", ctypes.c_uint32, abi.ProbeHist)
-    with BpfObject.load("lab_dropper") as obj:
-        obj.map("fr_drop_cfg", ctypes.c_uint32, abi.DropConfig)
+def test_every_map_of_a_declared_program_has_a_mirror_that_matches():
+    programs = sorted(p.name.removesuffix(".bpf.c") for p in BPF_DIR.glob("*.bpf.c"))
+    assert {"udp_fanout", "lab_probe", "lab_dropper"} <= LAYOUTS.keys() <= set(programs)
+    for program in LAYOUTS:
+        with BpfObject.load(program) as obj:  # loading checks every declared layout
+            assert sorted(obj.map_names()) == sorted(LAYOUTS[program]), program
+            for name, layout in LAYOUTS[program].items():
+                if isinstance(layout, MapLayout):
+                    assert obj.map(name).value_type is layout.value
+
+
+def test_a_declared_mismatch_fails_at_load_naming_the_field(monkeypatch):
+    monkeypatch.setitem(LAYOUTS, "udp_fanout", {**LAYOUTS["udp_fanout"],
+                                                "fr_fanout_sets": MapLayout(ctypes.c_uint32, SwappedSet)})
+    with pytest.raises(LayoutError, match=r"fr_fanout_sets\.value\.subs\[\]\.ifindex: offset 4 in BTF, 0 in Python"):
+        BpfObject.load("udp_fanout")
+
+
+def test_a_ring_record_mismatch_fails_at_load():
+    class Renamed(ctypes.Structure):
+        _fields_ = [("sub", ctypes.c_uint32), ("bytes", ctypes.c_uint32)]
+
+    with pytest.raises(LayoutError, match="sub_id"):
+        BpfObject(build("udp_fanout"), {"fr_fanout_events": RingLayout(Renamed, "fr_fanout_event")})
+
+
+def test_an_undeclared_map_needs_its_mirrors():
+    with BpfObject(build("lab_dropper")) as obj:  # no layouts declared
+        with pytest.raises(LayoutError, match="no MapLayout declared for fr_drop_cfg"):
+            obj.map("fr_drop_cfg")
+        assert obj.map("fr_drop_cfg", ctypes.c_uint32, abi.DropConfig).value_type is abi.DropConfig

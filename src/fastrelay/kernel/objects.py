@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from . import build, privileges
+from . import abi, build, privileges
 from .btf import KIND_STRUCT, Btf, check_layout
 from .errors import LayoutError, LoadError
 from .libbpf import BPF_ANY, BpfTestRunOpts, check, check_ptr, lib
@@ -19,6 +20,50 @@ BPF_MAP_TYPE_RINGBUF = 27
 _PERCPU = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 VERIFIER_LOG_SIZE = 4 << 20
 LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """The ctypes mirrors of a map's key and value."""
+
+    key: type
+    value: type
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """The ctypes mirror of a ring buffer's records, and the BTF struct it mirrors."""
+
+    record: type[ctypes.Structure]
+    struct: str
+
+
+type Layouts = Mapping[str, MapLayout | RingLayout]
+
+_u32 = ctypes.c_uint32
+# Which mirror goes with which map, per program in bpf/; every entry is checked when the object loads.
+LAYOUTS: dict[str, Layouts] = {
+    "udp_fanout": {
+        "fr_fanout_cfg": MapLayout(_u32, abi.FanoutConfig),
+        "fr_fanout_sets": MapLayout(_u32, abi.FanoutSet),
+        "fr_fanout_active": MapLayout(_u32, _u32),
+        "fr_fanout_local": MapLayout(abi.Addr, ctypes.c_uint8),
+        "fr_fanout_sync_inner": MapLayout(_u32, _u32),
+        "fr_fanout_sync": MapLayout(_u32, _u32),  # value: the inner map's fd
+        "fr_fanout_stats": MapLayout(_u32, ctypes.c_uint64),
+        "fr_fanout_events": RingLayout(abi.FanoutEvent, "fr_fanout_event"),
+    },
+    "lab_probe": {
+        "fr_probe_cfg": MapLayout(_u32, abi.ProbeConfig),
+        "fr_probe_ts": MapLayout(_u32, abi.ProbeTs),
+        "fr_probe_slots": MapLayout(abi.ProbeMac, _u32),
+        "fr_probe_hist": MapLayout(_u32, abi.ProbeHist),
+    },
+    "lab_dropper": {
+        "fr_drop_cfg": MapLayout(_u32, abi.DropConfig),
+        "fr_drop_stats": MapLayout(_u32, ctypes.c_uint64),
+    },
+}
 
 
 class Program:
@@ -32,14 +77,17 @@ class Program:
     def fd(self) -> int:
         return lib.bpf_program__fd(self._h)
 
-    def test_run(self, packet: bytes) -> tuple[int, bytes]:
-        """Run the program once on `packet` (BPF_PROG_TEST_RUN): (return code as signed int,
-        packet as the program left it). Redirects and clones are not carried out."""
+    def test_run(self, packet: bytes, repeat: int = 1) -> tuple[int, bytes]:
+        """Run the program `repeat` times on `packet` (BPF_PROG_TEST_RUN, in the kernel; each run
+        sees what the previous one left): (last return code as signed int, packet as the program
+        left it). Redirects are not carried out."""
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
         data_in = ctypes.create_string_buffer(packet, len(packet))
         data_out = ctypes.create_string_buffer(len(packet) + 512)
         opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), data_in=ctypes.addressof(data_in),
                               data_out=ctypes.addressof(data_out), data_size_in=len(packet),
-                              data_size_out=len(data_out), repeat=1)
+                              data_size_out=len(data_out), repeat=repeat)
         check(lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"test run of {self.name}")
         return ctypes.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
@@ -109,13 +157,17 @@ class Map[K, V]:
 
 
 class BpfObject:
-    """A compiled BPF object, opened and loaded (verified) into the kernel.
+    """A compiled BPF object, opened and loaded (verified) into the kernel, its declared map
+    layouts checked against its BTF.
 
     >>> with BpfObject.load("udp_fanout") as obj: prog = obj.program("fr_udp_fanout")
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, layouts: Layouts | None = None) -> None:
+        """Load the object at `path` and check `layouts` (map name -> mirrors); LayoutError
+        (naming the map and field) if one disagrees, and nothing stays loaded."""
         self._obj = 0
+        self.layouts: Layouts = dict(layouts or {})
         privileges.require()
         self.path = Path(path)
         self._obj = check_ptr(lib.bpf_object__open_file(str(self.path).encode(), None), f"open {self.path}")
@@ -135,11 +187,24 @@ class BpfObject:
             raise LoadError(f"kernel rejected {self.path.name} (program {name}): error {-ret}", tail)
         self._logs.clear()  # the buffers are only needed for a failed load
         self.btf = Btf(lib.bpf_object__btf(self._obj))
+        self._checked: set[tuple[str, type, type]] = set()
+        try:
+            for name, layout in self.layouts.items():
+                if isinstance(layout, RingLayout):
+                    self._ring_handle(name, layout.record, layout.struct)
+                else:
+                    self.map(name, layout.key, layout.value)
+        except LayoutError as exc:
+            self.close()
+            raise LayoutError(f"{self.path.name}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def load(cls, program: str) -> BpfObject:
-        """Build (cached) and load bpf/<program>.bpf.c."""
-        return cls(build.build(program))
+        """Build (cached) and load bpf/<program>.bpf.c, checking the layouts LAYOUTS declares for it."""
+        return cls(build.build(program), LAYOUTS.get(program))
 
     def program(self, name: str) -> Program:
         return Program(check_ptr(lib.bpf_object__find_program_by_name(self._obj, name.encode()), f"program {name}"))
@@ -147,30 +212,60 @@ class BpfObject:
     def _map_handle(self, name: str) -> int:
         return check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
 
-    def map[K, V](self, name: str, key: type[K], value: type[V]) -> Map[K, V]:
+    def _declared(self, name: str, kind: type) -> MapLayout | RingLayout:
+        layout = self.layouts.get(name)
+        if not isinstance(layout, kind):
+            raise LayoutError(f"{self.path.name}: no {kind.__name__} declared for {name}; pass the mirrors")
+        return layout
+
+    def map[K, V](self, name: str, key: type[K] | None = None, value: type[V] | None = None) -> Map[K, V]:
         """A map with its key/value layouts checked against BTF (LayoutError names the field);
-        sizes are checked even for maps without BTF types (map-in-map values)."""
+        sizes are checked even for maps without BTF types (map-in-map values). Without `key`
+        and `value`, the declared mirrors (already checked at load)."""
+        if key is None or value is None:
+            layout = self._declared(name, MapLayout)
+            key, value = key or layout.key, value or layout.value
         h = self._map_handle(name)
-        for what, tid, size, ctype in (
-            ("key", lib.bpf_map__btf_key_type_id(h), lib.bpf_map__key_size(h), key),
-            ("value", lib.bpf_map__btf_value_type_id(h), lib.bpf_map__value_size(h), value),
-        ):
-            if tid:
-                check_layout(self.btf, tid, ctype, f"{name}.{what}")
-            if ctypes.sizeof(ctype) != size:
-                raise LayoutError(f"{name}.{what}: {size} bytes in the map, {ctypes.sizeof(ctype)} in Python")
+        if (name, key, value) not in self._checked:
+            for what, tid, size, ctype in (
+                ("key", lib.bpf_map__btf_key_type_id(h), lib.bpf_map__key_size(h), key),
+                ("value", lib.bpf_map__btf_value_type_id(h), lib.bpf_map__value_size(h), value),
+            ):
+                if tid:
+                    check_layout(self.btf, tid, ctype, f"{name}.{what}")
+                if ctypes.sizeof(ctype) != size:
+                    raise LayoutError(f"{name}.{what}: {size} bytes in the map, {ctypes.sizeof(ctype)} in Python")
+            self._checked.add((name, key, value))
         return Map(h, key, value)
+
+    def map_names(self) -> list[str]:
+        """Names of the object's own maps (not libbpf's internal .bss/.data/.rodata ones)."""
+        names, h = [], None
+        while h := lib.bpf_object__next_map(self._obj, h):
+            name = lib.bpf_map__name(h).decode()
+            if "." not in name:
+                names.append(name)
+        return names
 
     def map_fd(self, name: str) -> int:
         """fd of a map (e.g. to store it in a map-in-map)."""
         return lib.bpf_map__fd(self._map_handle(name))
 
-    def ringbuf(self, name: str, record: type[ctypes.Structure], btf_struct: str) -> RingBuffer:
-        """A reader for ring-buffer map `name` whose records are `struct btf_struct` (checked)."""
+    def _ring_handle(self, name: str, record: type[ctypes.Structure], btf_struct: str) -> int:
         self.struct(btf_struct, record)
         h = self._map_handle(name)
         if lib.bpf_map__type(h) != BPF_MAP_TYPE_RINGBUF:
             raise LayoutError(f"{name} is not a ring buffer")
+        return h
+
+    def ringbuf(self, name: str, record: type[ctypes.Structure] | None = None,
+                btf_struct: str | None = None) -> RingBuffer:
+        """A reader for ring-buffer map `name` whose records are `struct btf_struct` (checked);
+        without them, the declared record mirror."""
+        if record is None or btf_struct is None:
+            layout = self._declared(name, RingLayout)
+            record, btf_struct = record or layout.record, btf_struct or layout.struct
+        h = self._ring_handle(name, record, btf_struct)
         return RingBuffer(lib.bpf_map__fd(h), lib.bpf_map__max_entries(h), record)
 
     def struct(self, name: str, ctype: type) -> type:

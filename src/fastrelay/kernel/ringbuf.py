@@ -55,7 +55,7 @@ class RingBuffer:
             raise KernelError(f"ring buffer size {size} is not a power of two >= one page")
         self._fd = map_fd
         self._mask = size - 1
-        self._size = size
+        self.size = size  # bytes of record data the ring holds (headers included)
         self.dtype = _dtype_of(record)
         self._payload_len = ctypes.sizeof(record)
         page = mmap.PAGESIZE
