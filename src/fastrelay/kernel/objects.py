@@ -38,7 +38,12 @@ class RingLayout:
     struct: str
 
 
-type Layouts = Mapping[str, MapLayout | RingLayout]
+@dataclass(frozen=True)
+class PrivateMap:
+    """A map only the programs use (per-CPU scratch space): no mirror, no access from Python."""
+
+
+type Layouts = Mapping[str, MapLayout | RingLayout | PrivateMap]
 
 _u32 = ctypes.c_uint32
 # Which mirror goes with which map, per program in bpf/; every entry is checked when the object loads.
@@ -62,6 +67,21 @@ LAYOUTS: dict[str, Layouts] = {
     "lab_dropper": {
         "fr_drop_cfg": MapLayout(_u32, abi.DropConfig),
         "fr_drop_stats": MapLayout(_u32, ctypes.c_uint64),
+    },
+    "moq_fastpath": {
+        "fr_moq_cfg": MapLayout(_u32, abi.MoqConfig),
+        "fr_moq_up": MapLayout(abi.MoqCid, abi.MoqUpconn),
+        "fr_moq_alias": MapLayout(abi.MoqAliasKey, abi.MoqAliasVal),
+        "fr_moq_ustream": MapLayout(abi.MoqStreamKey, abi.MoqUstream),
+        "fr_moq_tracks": MapLayout(_u32, abi.MoqTrack),
+        "fr_moq_dsub": MapLayout(abi.MoqDsubKey, abi.MoqDsub),
+        "fr_moq_conns": MapLayout(_u32, abi.MoqConn),
+        "fr_moq_state": MapLayout(_u32, abi.MoqState),
+        "fr_moq_dcid": MapLayout(abi.MoqCid, abi.MoqSlot),
+        "fr_moq_dstream": MapLayout(abi.MoqStreamKey, abi.MoqDstream),
+        "fr_moq_stats": MapLayout(_u32, ctypes.c_uint64),
+        "fr_moq_events": RingLayout(abi.MoqEvent, "fr_moq_event"),
+        "fr_moq_scratch": PrivateMap(),
     },
 }
 
@@ -192,8 +212,10 @@ class BpfObject:
             for name, layout in self.layouts.items():
                 if isinstance(layout, RingLayout):
                     self._ring_handle(name, layout.record, layout.struct)
-                else:
+                elif isinstance(layout, MapLayout):
                     self.map(name, layout.key, layout.value)
+                else:
+                    self._map_handle(name)  # a private map must at least exist
         except LayoutError as exc:
             self.close()
             raise LayoutError(f"{self.path.name}: {exc}") from exc
