@@ -252,3 +252,12 @@ def test_hooks_take_aioquic_packets_and_observe_acks():
     pair.run(4)
     assert pair.received[3] == b"x" * 100
     assert acks and any(taken[0].packet_number in r for ranges, _ in acks for r in ranges)
+
+
+def test_connection_facts_for_the_kernel_path():
+    pair = Pair()
+    server, client = pair.server, pair.client
+    cids = internals.host_cids(server)
+    assert internals.peer_cid(client) in cids and all(len(c) == 8 for c in cids)
+    assert internals.peer_max_stream_data_uni(server) == client.configuration.max_stream_data
+    assert 1200 <= internals.max_datagram_size(server) <= 1500

@@ -217,6 +217,7 @@ def test_renumbered_aioquic_packets_are_acknowledged_under_their_wire_numbers():
     pair.collect()
     local = max(k.wire_of)
     assert k.wire_of[local] == local + 3
+    assert k.ext.awaiting(local & 0xFFFF) == local and k.ext.awaiting((local + 1) & 0xFFFF) is None
     pair.run(8)  # the ACK of the wire number arrives before the renumbering record
     k.drain()
     k.auto_drain = True

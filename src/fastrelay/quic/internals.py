@@ -257,3 +257,20 @@ def apply_ack(quic: QuicConnection, ranges: RangeSet, ack_delay: float, now: flo
     bypassing the observer."""
     QuicPacketRecovery.on_ack_received(quic._loss, ack_rangeset=ranges, ack_delay=ack_delay, now=now,
                                        space=_one_rtt_space(quic))
+
+
+# ---- what the kernel data path needs to know of a connection (moq/kernel_path.py)
+
+def host_cids(quic: QuicConnection) -> set[bytes]:
+    """This endpoint's connection ids the peer may address packets to (not retired)."""
+    return {c.cid for c in quic._host_cids}
+
+
+def peer_max_stream_data_uni(quic: QuicConnection) -> int:
+    """The peer's initial MAX_STREAM_DATA for unidirectional streams this endpoint opens."""
+    return quic._remote_max_stream_data_uni
+
+
+def max_datagram_size(quic: QuicConnection) -> int:
+    """The largest UDP payload aioquic sends on this connection."""
+    return quic._max_datagram_size

@@ -133,6 +133,12 @@ class ExternalSender:
         internals.insert_sent_packet(self._quic, packet)
         self._numbered(wire_pn)
 
+    def awaiting(self, truncated: int, bits: int = 16) -> int | None:
+        """The local number of the oldest aioquic packet still waiting for its wire number whose low
+        `bits` bits are `truncated` (what the egress program reads off the wire), or None."""
+        mask = (1 << bits) - 1
+        return min((pn for pn in self._unnumbered if pn & mask == truncated), default=None)
+
     def allocated_below(self, next_packet_number: int) -> None:
         """The kernel has handed out every wire number below `next_packet_number`: ACKs for those not
         registered yet are held until they are (ACKs of higher unknown numbers are ignored, as aioquic
