@@ -38,31 +38,40 @@ def objects(events, alias=None):
 
 
 class Publisher:
-    """A publisher endpoint answering the relay's SUBSCRIBE and writing groups."""
+    """A publisher endpoint answering the relay's SUBSCRIBE and writing groups (one subgroup
+    stream per group, opened by its first object)."""
 
-    def __init__(self, relay: Relay, version: Version) -> None:
+    def __init__(self, relay: Relay, version: Version, namespace: tuple[bytes, ...] = NS) -> None:
         self.pipe, self.events = connect(relay, version, "pub")
         self.version = version
         s = self.pipe.session
-        s.send(m.PublishNamespace(s.next_request_id(), NS))
+        self.ns_request = s.next_request_id()
+        s.send(m.PublishNamespace(self.ns_request, namespace))
         assert messages(self.events, m.RequestOk)
         self.alias = 42
-        self.writer = None
+        self.writers: dict = {}
 
-    def answer_subscribes(self) -> int:
+    def answer_subscribes(self, extensions: tuple = (), largest=None) -> int:
+        from fastrelay.moq.params import MessageParams
+
         subs = messages(self.events, m.Subscribe)
         for sub in subs:
-            self.pipe.session.send(m.SubscribeOk(sub.request_id, self.alias))
+            self.pipe.session.send(m.SubscribeOk(sub.request_id, self.alias, MessageParams(largest_object=largest),
+                                                 extensions))
         self.events.clear()
         return len(subs)
 
-    def write(self, group: int, obj: int, fin: bool = False) -> None:
-        if obj == 0:
-            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=10, version=self.version,
-                                         extensions=True)
-            self.writer = self.pipe.session.open_subgroup(header)
-        self.writer.write(Object(group, 0, obj, 10, extensions=[(2, obj)], payload=f"g{group}o{obj}".encode()),
-                          fin=fin)
+    def write(self, group: int, obj: int, fin: bool = False, priority: int | None = 10, size: int = 0) -> None:
+        """`priority` None: the header's DEFAULT_PRIORITY bit (the track's priority, draft-16)."""
+        writer = self.writers.get(group)
+        if writer is None:
+            prio = 10 if priority is None else priority
+            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=prio,
+                                         default_priority=prio if priority is None else None,
+                                         version=self.version, extensions=True)
+            writer = self.writers[group] = self.pipe.session.open_subgroup(header)
+        payload = f"g{group}o{obj}".encode().ljust(size, b".")
+        writer.write(Object(group, 0, obj, priority, extensions=[(2, obj)], payload=payload), fin=fin)
 
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
@@ -281,11 +290,15 @@ def test_request_update_of_an_unknown_request_is_a_protocol_violation():
     assert isinstance(ev[-1], Closed) and ev[-1].code == ErrorCode.PROTOCOL_VIOLATION
 
 
-def test_goaway_reaches_every_session():
+def test_goaway_reaches_every_session_once():
+    from fastrelay.moq.session import GoawayReceived
+
     relay = Relay()
     evs = [connect(relay, v, f"s{i}")[1] for i, v in enumerate([Version.DRAFT_16, Version.DRAFT_14])]
-    assert relay.goaway() == 2
-    assert all(messages(ev, m.Goaway) for ev in evs)
+    assert relay.goaway("moqt://next:4443") == 2
+    assert all(GoawayReceived("moqt://next:4443") in ev for ev in evs)
+    assert relay.goaway() == 0  # a second GOAWAY would be a protocol violation: none is sent
+    assert all(sum(isinstance(e, GoawayReceived) for e in ev) == 1 for ev in evs)
 
 
 def test_subscribe_namespace_draft16_on_a_request_stream():

@@ -6,9 +6,17 @@ import pytest
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import Object, SubgroupHeader, subgroup_header_for
-from fastrelay.moq.params import Version
-from fastrelay.moq.session import Closed, MessageReceived, MoqtSession, ObjectReceived, Ready, StreamEnded
-from fastrelay.moq.wire import ErrorCode, Writer
+from fastrelay.moq.params import UNFILTERED, Version
+from fastrelay.moq.session import (
+    Closed,
+    GoawayReceived,
+    MessageReceived,
+    MoqtSession,
+    ObjectReceived,
+    Ready,
+    StreamEnded,
+)
+from fastrelay.moq.wire import ErrorCode, Location, Writer
 
 from .conftest import Pipe, pair
 
@@ -119,3 +127,132 @@ def test_garbage_data_stream_closes_the_session():
     c, s, cev, sev = pair(Version.DRAFT_16)
     s.send(3, b"\x3f\x3f\x3f")  # not a data stream type
     assert c.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_goaway_is_an_event_and_no_new_request_follows_it(version):
+    c, s, cev, sev = pair(version)
+    sub = c.session.next_request_id()
+    c.session.send(m.Subscribe(sub, (b"a",), b"b"))
+    s.session.goaway("moqt://elsewhere:4443/x")
+    assert cev[-1] == GoawayReceived("moqt://elsewhere:4443/x")
+    assert not any(isinstance(e, MessageReceived) and isinstance(e.message, m.Goaway) for e in cev)
+    assert not c.session.accepts_requests and s.session.accepts_requests
+    with pytest.raises(ConnectionError, match="GOAWAY"):
+        c.session.next_request_id()
+    with pytest.raises(ConnectionError, match="GOAWAY"):
+        c.session.send(m.TrackStatus(sub + 2, (b"a",), b"b"))
+    c.session.send(m.Unsubscribe(sub))  # ending what exists is fine
+    assert isinstance(sev[-1].message, m.Unsubscribe) and c.session.closed is None
+    # updating an existing request is no new request: it still gets a request ID
+    c.session.send(m.RequestUpdate(c.session.next_request_id(update=True), sub,
+                                   m.MessageParams(forward=False, subscriber_priority=1,
+                                                   subscription_filter=UNFILTERED)))
+    assert isinstance(sev[-1].message, m.RequestUpdate) and s.session.closed is None
+    with pytest.raises(ValueError, match="already sent"):
+        s.session.goaway()
+
+
+def test_a_second_goaway_is_a_protocol_violation():
+    c, s, cev, sev = pair(Version.DRAFT_16)
+    s.session.goaway()
+    s.session._send_control(m.Goaway(""))
+    assert c.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+    assert [e for e in cev if isinstance(e, GoawayReceived)] == [GoawayReceived("")]
+
+
+def test_a_client_goaway_must_not_name_a_uri():
+    c, s, cev, sev = pair(Version.DRAFT_16)
+    with pytest.raises(ValueError, match="client"):
+        c.session.goaway("moqt://x:1")
+    c.session.goaway()  # without one it is fine: the server learns the client leaves soon
+    assert sev[-1] == GoawayReceived("") and not s.session.accepts_requests
+    c2, s2, _, _ = pair(Version.DRAFT_14)
+    c2.session._send_control(m.Goaway("moqt://x:1"))
+    assert s2.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+def _subscribed(version):
+    """A pair where the client sent SUBSCRIBE 0 and the server sent nothing."""
+    c, s, cev, sev = pair(version)
+    c.session.send(m.Subscribe(c.session.next_request_id(), (b"a",), b"b"))
+    return c, s, cev, sev
+
+
+NEVER_EXISTED = [  # (sender, message): names a request that does not exist, or not one of its kind
+    ("server", m.SubscribeOk(2, 7)),  # request 2 was never sent
+    ("server", m.FetchOk(0, False, Location(0, 1))),  # request 0 is a SUBSCRIBE, not a FETCH
+    ("server", m.RequestError(4, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.SUBSCRIBE)),
+    ("server", m.PublishDone(6, m.PublishDoneCode.TRACK_ENDED, 0)),
+    ("server", m.RequestOk(0, request_kind=m.RequestKind.TRACK_STATUS)),  # a SUBSCRIBE gets no REQUEST_OK
+    ("client", m.Unsubscribe(1)),  # the server never published a track
+    ("client", m.Unsubscribe(2)),  # no request 2 from the client yet
+    ("client", m.FetchCancel(0)),  # request 0 is no FETCH
+    ("client", m.PublishDone(0, m.PublishDoneCode.TRACK_ENDED, 0)),  # 0 is the client's SUBSCRIBE, no PUBLISH
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("sender,msg", NEVER_EXISTED, ids=[f"{s}-{type(x).__name__}" for s, x in NEVER_EXISTED])
+def test_a_message_about_a_request_that_never_existed_is_a_protocol_violation(version, sender, msg, caplog):
+    c, s, cev, sev = _subscribed(version)
+    src, dst = (s, c) if sender == "server" else (c, s)
+    src.session._send_control(msg)
+    assert dst.session.closed is not None and dst.session.closed.code == ErrorCode.PROTOCOL_VIOLATION
+    assert src.closed_with is None and dst.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+    assert len([r for r in caplog.records if "closing MoQT session" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("msg", [
+    m.PublishNamespaceDone(2),  # the client has no PUBLISH_NAMESPACE 2
+    m.PublishNamespaceCancel(1, m.RequestErrorCode.UNINTERESTED),  # the server sent no PUBLISH_NAMESPACE
+])
+def test_draft16_namespace_messages_name_existing_requests(msg):
+    c, s, cev, sev = _subscribed(Version.DRAFT_16)
+    (c if isinstance(msg, m.PublishNamespaceDone) else s).session._send_control(msg)
+    closed = s if isinstance(msg, m.PublishNamespaceDone) else c
+    assert closed.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_a_draft14_reply_of_the_wrong_kind_is_a_protocol_violation():
+    c, s, cev, sev = _subscribed(Version.DRAFT_14)
+    s.session.send(m.RequestError(0, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.FETCH))  # FETCH_ERROR
+    assert c.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_messages_about_requests_that_are_over_are_races_not_errors(version):
+    c, s, cev, sev = _subscribed(version)
+    s.session.send(m.SubscribeOk(0, 7))
+    s.session.send(m.PublishDone(0, m.PublishDoneCode.TRACK_ENDED, 0))
+    c.session.send(m.Unsubscribe(0))  # crossed the PUBLISH_DONE
+    late = c.session.next_request_id()
+    c.session.send(m.Subscribe(late, (b"a",), b"c"))
+    c.session.send(m.Unsubscribe(late))
+    s.session.send(m.SubscribeOk(late, 8))  # crossed the UNSUBSCRIBE
+    s.session.send(m.RequestError(late, m.RequestErrorCode.INTERNAL_ERROR, 0, "", m.RequestKind.SUBSCRIBE))
+    assert c.session.closed is None and s.session.closed is None
+    assert [type(e.message) for e in cev if isinstance(e, MessageReceived)] == [
+        m.SubscribeOk, m.PublishDone, m.SubscribeOk, m.RequestError]
+
+
+def test_request_update_must_name_an_existing_request_other_than_itself():
+    c, s, cev, sev = _subscribed(Version.DRAFT_16)
+    c.session.send(m.RequestUpdate(c.session.next_request_id(), 0, m.MessageParams(forward=False)))
+    assert s.session.closed is None
+    rid = c.session.next_request_id()
+    c.session.send(m.RequestUpdate(rid, rid))  # an update of itself: no such request
+    assert s.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+    c2, s2, _, _ = _subscribed(Version.DRAFT_16)
+    c2.session.send(m.RequestUpdate(c2.session.next_request_id(), 40))
+    assert s2.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_fetch_writer_reset_abandons_the_stream():
+    c, s, cev, sev = pair(Version.DRAFT_16)
+    w = s.session.open_fetch(0)
+    w.write(Object(0, 0, 0, 5, payload=b"x"))
+    w.reset()
+    w.finish()  # no effect once reset
+    ended = [e for e in cev if isinstance(e, StreamEnded)]
+    assert len(ended) == 1 and ended[0].reset_code == 1 and ended[0].stream_id == w.stream_id

@@ -1,12 +1,21 @@
 """Per-track cache of recent groups, bounded by group count and bytes (sans-I/O).
 
 The relay keeps what it forwarded so that late joiners start at the latest group, FETCH
-is answered locally and lost ranges can be re-sent. Eviction drops whole groups, oldest
-first, and never the newest group.
+is answered locally and lost ranges can be re-sent.
+
+Eviction drops the oldest groups whole; when the newest group alone exceeds the byte bound,
+its oldest objects go too, so both bounds always hold. The cache keeps a *floor*: every
+object received at or above it is still cached; below it, objects have unknown status
+(evicted, or never received because the upstream subscription began later). The floor only
+rises and objects arriving below it are not stored, so what is cached from the floor on has
+no hole where an object was dropped. The relay refuses a FETCH that reaches below the floor
+instead of leaving out objects whose status it does not know (which would tell the
+subscriber they do not exist).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -16,7 +25,7 @@ from .wire import Location
 @dataclass(frozen=True, slots=True)
 class CachedObject:
     location: Location
-    subgroup_id: int
+    subgroup_id: int | None  # None: Forwarding Preference Datagram
     publisher_priority: int
     status: int  # data.ObjectStatus value; 0 = normal
     extensions: tuple[tuple[int, int | bytes], ...]
@@ -30,8 +39,8 @@ class CachedObject:
 @dataclass
 class _Group:
     objects: dict[int, CachedObject] = field(default_factory=dict)
+    ids: list[int] = field(default_factory=list)  # heap of the object IDs: the oldest goes first
     bytes: int = 0
-    end_object: int | None = None  # object id of END_OF_GROUP, when known
 
 
 class TrackCache:
@@ -43,46 +52,77 @@ class TrackCache:
         self.max_groups = max_groups
         self.max_bytes = max_bytes
         self._groups: dict[int, _Group] = {}
+        self._largest: Location | None = None
+        self.floor = Location(0, 0)  # everything received at or above it is cached
         self.bytes = 0
         self.conflicts = 0  # same location seen again with different content
         self.evicted_groups = 0
+        self.evicted_objects = 0  # from the newest group, when it alone exceeded the byte bound
+
+    def begin_after(self, largest: Location) -> None:
+        """The upstream subscription delivers what follows `largest` (its SUBSCRIBE_OK or PUBLISH
+        said so): that is the track's largest location so far, and an empty cache will never
+        hold what came before it."""
+        if self._largest is None or self._largest < largest:
+            self._largest = largest
+        if not self._groups:
+            self._raise_floor(Location(largest.group, largest.object + 1))
 
     def add(self, obj: CachedObject) -> bool:
-        """Store an object; False if that location was already cached (the first copy wins)."""
-        g = self._groups.get(obj.location.group)
+        """Store an object; False if it is not stored: its location is already cached (the first
+        copy wins), below the floor, or evicted at once to keep the bounds."""
+        loc = obj.location
+        if self._largest is None or self._largest < loc:
+            self._largest = loc
+        if loc < self.floor:
+            return False
+        g = self._groups.get(loc.group)
         if g is None:
-            if self._groups and obj.location.group < min(self._groups) and len(self._groups) >= self.max_groups:
-                return False  # older than everything kept and no room: would be evicted at once
-            g = self._groups[obj.location.group] = _Group()
-        old = g.objects.get(obj.location.object)
+            if len(self._groups) >= self.max_groups and loc.group < min(self._groups):
+                self._raise_floor(Location(min(self._groups), 0))  # older than everything kept, no room
+                return False
+            g = self._groups[loc.group] = _Group()
+        old = g.objects.get(loc.object)
         if old is not None:
             if old.payload != obj.payload or old.status != obj.status:
                 self.conflicts += 1
             return False
-        g.objects[obj.location.object] = obj
+        g.objects[loc.object] = obj
+        heapq.heappush(g.ids, loc.object)
         g.bytes += obj.size
         self.bytes += obj.size
-        if obj.status == 3:  # END_OF_GROUP
-            g.end_object = obj.location.object
         self._evict()
-        return True
+        return self.get(loc) is obj
+
+    def _raise_floor(self, loc: Location) -> None:
+        if self.floor < loc:
+            self.floor = loc
 
     def _evict(self) -> None:
-        while len(self._groups) > 1 and (len(self._groups) > self.max_groups or self.bytes > self.max_bytes):
-            oldest = min(self._groups)
-            self.bytes -= self._groups.pop(oldest).bytes
+        while len(self._groups) > self.max_groups or (self.bytes > self.max_bytes and len(self._groups) > 1):
+            self.bytes -= self._groups.pop(min(self._groups)).bytes
             self.evicted_groups += 1
+            self._raise_floor(Location(min(self._groups), 0))
+        if self.bytes <= self.max_bytes:
+            return
+        gid, g = next(iter(self._groups.items()))  # the only group left is too big on its own
+        while self.bytes > self.max_bytes:
+            oid = heapq.heappop(g.ids)
+            size = g.objects.pop(oid).size
+            g.bytes -= size
+            self.bytes -= size
+            self.evicted_objects += 1
+            self._raise_floor(Location(gid, oid + 1))
+        if not g.objects:
+            del self._groups[gid]
 
     @property
     def groups(self) -> list[int]:
         return sorted(self._groups)
 
     def largest(self) -> Location | None:
-        """Largest cached location."""
-        if not self._groups:
-            return None
-        g = max(self._groups)
-        return Location(g, max(self._groups[g].objects))
+        """Largest location received (cached or not): the track's Largest Object as the relay knows it."""
+        return self._largest
 
     def get(self, loc: Location) -> CachedObject | None:
         g = self._groups.get(loc.group)

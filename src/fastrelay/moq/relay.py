@@ -11,7 +11,19 @@ congestion window can carry, so what QUIC sends next is always the most importan
 As in the draft, a SUBSCRIBE delivers objects published after it (per its filter); the past
 comes from the cache through FETCH: a late joiner that wants the current group
 from its start sends a relative joining FETCH (start 0), which is contiguous with its
-subscription and does not overlap it.
+subscription and does not overlap it. A FETCH response goes through the same queue, one
+object at a time, so FETCH_CANCEL can stop it (the stream is reset). A FETCH that reaches
+below what the cache holds completely (see cache.py) is refused with INVALID_RANGE.
+
+Publisher priority: an object without one (DEFAULT_PRIORITY header bit) has the track's
+DEFAULT_PUBLISHER_PRIORITY (128 if the publisher gave none); the relay schedules with that
+value and writes it explicitly downstream. Group order: the subscriber's GROUP_ORDER, else
+the publisher's DEFAULT_PUBLISHER_GROUP_ORDER (ascending if none).
+
+Namespaces: subscribers to a prefix hear of a namespace when its first publisher appears
+and of its end when the last one withdraws it (PUBLISH_NAMESPACE_DONE, disconnect, or GOAWAY:
+a publisher that sent GOAWAY gets no new SUBSCRIBEs, so the relay withdraws its namespaces
+and tells it so with PUBLISH_NAMESPACE_CANCEL).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +42,8 @@ from .params import FilterType, GroupOrder, MessageParams, Version
 from .session import (
     Closed,
     Event,
+    FetchWriter,
+    GoawayReceived,
     MessageReceived,
     MoqtSession,
     ObjectReceived,
@@ -42,6 +57,10 @@ from .wire import ErrorCode, Location, render_name
 log = logging.getLogger("fastrelay.relay")
 
 Namespace = tuple[bytes, ...]
+DEFAULT_PUBLISHER_PRIORITY = 128  # draft-16 section 11: a track's priority when the publisher names none
+# track extensions a draft-14 SUBSCRIBE_OK can carry (as its Group Order field and parameters)
+_D14_TRACK_EXTENSIONS = frozenset({m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, m.TrackExtension.DELIVERY_TIMEOUT,
+                                   m.TrackExtension.MAX_CACHE_DURATION})
 
 
 @dataclass(eq=False)  # identity: one per session
@@ -57,7 +76,10 @@ class Peer:
     ns_subs: dict[Namespace, int | None] = field(default_factory=dict)  # prefix -> request stream (None: d14)
     aliases: itertools.count = field(default_factory=itertools.count)
     ns_requests: dict[int, Namespace] = field(default_factory=dict)  # PUBLISH_NAMESPACE request id -> namespace
-    # objects waiting for the connection: (priority, seq, downstream, object or None = FIN, (group, subgroup))
+    announced: dict[Namespace, int] = field(default_factory=dict)  # draft-14: PUBLISH_NAMESPACE we sent it -> id
+    fetches: dict[int, FetchStream] = field(default_factory=dict)  # their FETCH request id -> response in progress
+    # objects waiting for the connection: (priority, seq, downstream, object or None = FIN, (group, subgroup)),
+    # or for a FETCH response (priority, seq, fetch stream, its next object, None)
     queue: list[tuple] = field(default_factory=list)
     queued_bytes: int = 0
     seq: itertools.count = field(default_factory=itertools.count)
@@ -86,6 +108,18 @@ class Downstream:
     streams: int = 0  # subgroup streams opened for it (PUBLISH_DONE's stream count)
 
 
+@dataclass(eq=False)  # identity: one per FETCH
+class FetchStream:
+    """A FETCH response being written: its objects go through the session's priority queue
+    one at a time (the next one is queued when one is written), in the response's order."""
+
+    peer: Peer
+    request_id: int
+    writer: FetchWriter
+    pending: deque[CachedObject]
+    subscriber_priority: int
+
+
 @dataclass
 class Track:
     namespace: Namespace
@@ -95,6 +129,9 @@ class Track:
     upstream_request_id: int | None = None
     upstream_alias: int | None = None
     live: bool = False
+    extensions: tuple[tuple[int, int | bytes], ...] = ()  # the publisher's Track Extensions
+    default_priority: int = DEFAULT_PUBLISHER_PRIORITY
+    group_order: GroupOrder = GroupOrder.ASCENDING  # the publisher's preference
     subscribers: list[Downstream] = field(default_factory=list)
     stream_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # upstream stream -> (group, subgroup)
     objects_in: int = 0
@@ -157,6 +194,8 @@ class Relay:
                 self._message(peer, ev.message)
         elif isinstance(ev, RequestStreamClosed):
             peer.ns_subs = {p: s for p, s in peer.ns_subs.items() if s != ev.stream_id}
+        elif isinstance(ev, GoawayReceived):
+            self._peer_going_away(peer)
         elif isinstance(ev, Closed):
             self._peer_gone(peer)
         elif isinstance(ev, Ready):
@@ -166,10 +205,23 @@ class Relay:
         """Tell every session the relay is going away (GOAWAY); returns how many were told."""
         told = 0
         for peer in list(self.peers.values()):
-            if peer.session.ready and not peer.session.closed:
-                peer.session.send(m.Goaway(new_uri))
+            if peer.session.ready and not peer.session.closed and not peer.session.goaway_sent:
+                peer.session.goaway(new_uri)
                 told += 1
         return told
+
+    def _peer_going_away(self, peer: Peer) -> None:
+        """The peer sent GOAWAY: no new SUBSCRIBE can go to it, so its namespaces are withdrawn
+        (subscribers to them hear NAMESPACE_DONE) and it is told with PUBLISH_NAMESPACE_CANCEL.
+        Its established tracks keep flowing until it ends them or leaves."""
+        log.info("%s sent GOAWAY", peer.name)
+        for rid, ns in list(peer.ns_requests.items()):
+            if ns in peer.namespaces:
+                d16 = peer.session.version == Version.DRAFT_16
+                peer.session.send(m.PublishNamespaceCancel(rid if d16 else None, m.RequestErrorCode.INTERNAL_ERROR,
+                                                           "publisher sent GOAWAY: no new subscriptions here",
+                                                           None if d16 else ns))
+        self._withdraw(peer, set(peer.namespaces))
 
     # ---- control
     def _message(self, peer: Peer, msg: m.Message) -> None:
@@ -180,17 +232,49 @@ class Relay:
         handler(peer, msg)
 
     def _on_PublishNamespace(self, peer: Peer, msg: m.PublishNamespace) -> None:
-        peer.namespaces.add(msg.track_namespace)
-        peer.ns_requests[msg.request_id] = msg.track_namespace
+        ns = msg.track_namespace
+        first = not self._published(ns)
+        peer.namespaces.add(ns)
+        peer.ns_requests[msg.request_id] = ns
         peer.session.send(m.RequestOk(msg.request_id, request_kind=m.RequestKind.PUBLISH_NAMESPACE))
-        log.info("%s publishes namespace %s", peer.name, render_name(msg.track_namespace))
-        self._tell_namespace_subscribers(msg.track_namespace, peer, gone=False)
+        log.info("%s publishes namespace %s", peer.name, render_name(ns))
+        if first:
+            self._tell_namespace_subscribers(ns, peer, gone=False)
 
     def _on_PublishNamespaceDone(self, peer: Peer, msg: m.PublishNamespaceDone) -> None:
         ns = msg.track_namespace if msg.track_namespace is not None else peer.ns_requests.get(msg.request_id)
         if ns in peer.namespaces:
-            peer.namespaces.discard(ns)
-            self._tell_namespace_subscribers(ns, peer, gone=True)
+            self._withdraw(peer, {ns})
+
+    def _on_PublishNamespaceCancel(self, peer: Peer, msg: m.PublishNamespaceCancel) -> None:
+        """A subscriber we sent PUBLISH_NAMESPACE (draft-14 namespace subscriptions) takes it back:
+        it will not subscribe there, and it gets no PUBLISH_NAMESPACE_DONE for it later."""
+        ns = msg.track_namespace if msg.track_namespace is not None else next(
+            (n for n, rid in peer.announced.items() if rid == msg.request_id), None)
+        if ns is None or peer.announced.pop(ns, None) is None:
+            log.debug("%s: PUBLISH_NAMESPACE_CANCEL for a namespace already withdrawn", peer.name)
+            return
+        log.info("%s cancelled namespace %s (%s: %s)", peer.name, render_name(ns), msg.error_code, msg.error_reason)
+
+    def _on_UnsubscribeNamespace(self, peer: Peer, msg: m.UnsubscribeNamespace) -> None:
+        """Draft-14: the namespace subscription ends; nothing more is said about namespaces under it."""
+        prefix = msg.track_namespace_prefix
+        if prefix not in peer.ns_subs:
+            log.debug("%s: UNSUBSCRIBE_NAMESPACE for a prefix it has no subscription to", peer.name)
+            return
+        del peer.ns_subs[prefix]
+        for ns in [n for n in peer.announced if n[: len(prefix)] == prefix]:
+            del peer.announced[ns]
+
+    def _published(self, ns: Namespace) -> bool:
+        return any(ns in p.namespaces for p in self.peers.values())
+
+    def _withdraw(self, peer: Peer, namespaces: set[Namespace]) -> None:
+        """`peer` no longer publishes `namespaces`; subscribers hear of those no one else publishes."""
+        peer.namespaces -= namespaces
+        for ns in sorted(namespaces):
+            if not self._published(ns):
+                self._tell_namespace_subscribers(ns, peer, gone=True)
 
     def _subscribe_namespace(self, peer: Peer, msg: m.SubscribeNamespace, stream_id: int | None) -> None:
         """Reply, then name every matching published namespace now and as they come and go
@@ -213,11 +297,10 @@ class Relay:
         reply(m.RequestOk(msg.request_id, request_kind=kind))
         if msg.subscribe_options == m.SubscribeOptions.PUBLISH:
             return  # only PUBLISH messages wanted: tracks are not pushed by this relay
-        for other in list(self.peers.values()):
-            if other is not peer:
-                for ns in sorted(other.namespaces):
-                    if ns[: len(prefix)] == prefix:
-                        self._tell(peer, prefix, ns, gone=False)
+        published = {ns for other in self.peers.values() if other is not peer for ns in other.namespaces}
+        for ns in sorted(published):
+            if ns[: len(prefix)] == prefix:
+                self._tell(peer, prefix, ns, gone=False)
 
     def _tell_namespace_subscribers(self, ns: Namespace, publisher: Peer, gone: bool) -> None:
         for peer in list(self.peers.values()):
@@ -233,34 +316,56 @@ class Relay:
             suffix = ns[len(prefix):]
             peer.session.send_on(stream_id, m.NamespaceDone(suffix) if gone else m.Namespace(suffix))
         elif gone:
-            peer.session.send(m.PublishNamespaceDone(0, track_namespace=ns))
-        else:
-            peer.session.send(m.PublishNamespace(peer.session.next_request_id(), ns))
+            if peer.announced.pop(ns, None) is not None:  # not if it cancelled it
+                peer.session.send(m.PublishNamespaceDone(None, track_namespace=ns))
+        elif ns not in peer.announced:
+            try:
+                rid = peer.session.next_request_id()
+            except ConnectionError as exc:  # it sent GOAWAY, or allows no more requests
+                log.info("%s not told of namespace %s: %s", peer.name, render_name(ns), exc)
+                return
+            peer.announced[ns] = rid
+            peer.session.send(m.PublishNamespace(rid, ns))
 
     def _on_Publish(self, peer: Peer, msg: m.Publish) -> None:
         key = (msg.track_namespace, msg.track_name)
         old = self.tracks.get(key)
         if old is not None and old.publisher is not peer:
             self._end_track(old, m.PublishDoneCode.GOING_AWAY, "another publisher took the track over")
-        # echo the publisher's group order (draft-14 PUBLISH_OK requires one)
-        order = dict(msg.track_extensions).get(m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, GroupOrder.ASCENDING)
-        peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True, group_order=GroupOrder(order))))
         track = self.tracks.get(key) or self._new_track(key, peer)
+        self._upstream_established(track, msg.track_extensions, msg.params.largest_object)
+        # echo the publisher's group order (draft-14 PUBLISH_OK requires one)
+        peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True, group_order=track.group_order)))
         track.upstream_request_id, track.upstream_alias, track.live = msg.request_id, msg.track_alias, True
         peer.upstream[msg.track_alias] = track
         self._establish(track)
+
+    def _upstream_established(self, track: Track, extensions: tuple[tuple[int, int | bytes], ...],
+                              largest: Location | None) -> None:
+        """Take the track's properties from the PUBLISH or SUBSCRIBE_OK that established it upstream."""
+        ext = dict(extensions)
+        track.extensions = tuple(extensions)
+        track.default_priority = int(ext.get(m.TrackExtension.DEFAULT_PUBLISHER_PRIORITY, DEFAULT_PUBLISHER_PRIORITY))
+        track.group_order = GroupOrder(ext.get(m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, GroupOrder.ASCENDING))
+        if largest is not None:
+            track.cache.begin_after(largest)
 
     def _on_Subscribe(self, sub: Peer, msg: m.Subscribe) -> None:
         key = (msg.track_namespace, msg.track_name)
         track = self.tracks.get(key)
         if track is None:
             publisher = self._publisher_for(msg.track_namespace)
+            reason = "no publisher for this namespace"
+            if publisher is not None:
+                try:
+                    rid = publisher.session.next_request_id()
+                except ConnectionError as exc:  # it sent GOAWAY, or allows no more requests now
+                    publisher, reason = None, f"publisher cannot take a request: {exc}"
             if publisher is None:
-                sub.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
-                                                "no publisher for this namespace", m.RequestKind.SUBSCRIBE))
+                sub.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0, reason,
+                                                m.RequestKind.SUBSCRIBE))
                 return
             track = self._new_track(key, publisher)
-            rid = publisher.session.next_request_id()
             track.upstream_request_id = rid
             publisher.requests[rid] = track
             publisher.session.send(m.Subscribe(rid, msg.track_namespace, msg.track_name,
@@ -272,9 +377,15 @@ class Relay:
             self._accept(ds)
 
     def _on_SubscribeOk(self, peer: Peer, msg: m.SubscribeOk) -> None:
+        # the session made sure it answers a SUBSCRIBE we sent; unknown here means we already
+        # unsubscribed (the answer crossed our UNSUBSCRIBE)
         track = peer.requests.get(msg.request_id)
         if track is None:
             return
+        if track.live:
+            peer.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"second SUBSCRIBE_OK for request {msg.request_id}")
+            return
+        self._upstream_established(track, msg.track_extensions, msg.params.largest_object)
         track.upstream_alias, track.live = msg.track_alias, True
         peer.upstream[msg.track_alias] = track
         self._establish(track)
@@ -282,6 +393,9 @@ class Relay:
     def _on_RequestError(self, peer: Peer, msg: m.RequestError) -> None:
         track = peer.requests.pop(msg.request_id, None)
         if track is None:
+            refused = next((ns for ns, rid in peer.announced.items() if rid == msg.request_id), None)
+            if refused is not None:  # a draft-14 namespace subscriber declined a namespace we named
+                del peer.announced[refused]
             return
         for ds in list(track.subscribers):
             ds.peer.session.send(m.RequestError(ds.request_id, msg.error_code, msg.retry_interval, msg.error_reason,
@@ -292,7 +406,12 @@ class Relay:
     def _on_RequestUpdate(self, sub: Peer, msg: m.RequestUpdate) -> None:
         ds = sub.downstream.get(msg.existing_request_id)
         if ds is None:
-            sub.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"update of unknown request {msg.existing_request_id}")
+            # the session closes for requests that never existed; this one did, but is over (e.g. it
+            # ended with PUBLISH_DONE while the update was on its way) or is not a subscription
+            if sub.session.version == Version.DRAFT_16:  # draft-14's SUBSCRIBE_UPDATE has no reply
+                sub.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
+                                                f"request {msg.existing_request_id} is no active subscription",
+                                                m.RequestKind.REQUEST_UPDATE))
             return
         p = msg.params
         if p.forward is not None:
@@ -321,8 +440,17 @@ class Relay:
 
     def _on_Unsubscribe(self, sub: Peer, msg: m.Unsubscribe) -> None:
         ds = sub.downstream.pop(msg.request_id, None)
-        if ds is not None:
+        if ds is not None:  # else it ended already (PUBLISH_DONE crossed the UNSUBSCRIBE)
             self._drop_downstream(ds)
+
+    def _on_FetchCancel(self, peer: Peer, msg: m.FetchCancel) -> None:
+        """Stop a FETCH response in progress: what is queued goes, the stream is reset."""
+        fs = peer.fetches.pop(msg.request_id, None)
+        if fs is None:
+            return  # already complete (FIN sent) or refused: nothing to stop
+        self._purge(peer, lambda it: it[2] is fs)
+        fs.writer.reset()
+        log.info("%s cancelled FETCH %d (%d objects not sent)", peer.name, msg.request_id, len(fs.pending))
 
     def _on_PublishDone(self, peer: Peer, msg: m.PublishDone) -> None:
         track = peer.requests.get(msg.request_id) or next(
@@ -348,13 +476,15 @@ class Relay:
         """The publisher of the longest registered namespace that is a prefix of `ns`."""
         best: tuple[int, Peer] | None = None
         for peer in self.peers.values():
+            if not peer.session.accepts_requests:
+                continue
             for pns in peer.namespaces:
                 if ns[: len(pns)] == pns and (best is None or len(pns) > best[0]):
                     best = (len(pns), peer)
         return best[1] if best else None
 
     def _establish(self, track: Track) -> None:
-        for ds in track.subscribers:
+        for ds in list(track.subscribers):
             if not ds.established:
                 self._accept(ds)
 
@@ -368,14 +498,27 @@ class Relay:
         elif f.filter_type == FilterType.NEXT_GROUP_START:
             ds.start = Location(largest.group + 1, 0) if largest else Location(0, 0)
         else:  # absolute: never the past (that is FETCH's job)
+            if f.end_group is not None and (f.end_group < f.start_location.group
+                                            or (largest is not None and f.end_group < largest.group)):
+                ds.peer.session.send(m.RequestError(ds.request_id, m.RequestErrorCode.INVALID_RANGE, 0,
+                                                    "the end group is before the start or already over",
+                                                    m.RequestKind.SUBSCRIBE))
+                ds.peer.downstream.pop(ds.request_id, None)
+                self._drop_downstream(ds)
+                return
             ds.start = max(f.start_location, after)
             ds.end_group = f.end_group
         ds.largest = largest
-        ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=largest)))
+        ext = ds.track.extensions
+        if ds.peer.session.version == Version.DRAFT_14:  # only what its SUBSCRIBE_OK has fields for
+            ext = tuple({k: v for k, v in reversed(ext) if k in _D14_TRACK_EXTENSIONS}.items())
+        ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=largest),
+                                           tuple(sorted(ext, key=lambda kv: kv[0]))))
         ds.established = True
 
     def _on_Fetch(self, peer: Peer, msg: m.Fetch) -> None:
-        """Answer a FETCH from the cache: FETCH_OK, then one fetch stream in location order."""
+        """Answer a FETCH from the cache: FETCH_OK, then one fetch stream in the requested group
+        order, fed through the priority queue."""
         def refuse(code: int, reason: str) -> None:
             peer.session.send(m.RequestError(msg.request_id, code, 0, reason, m.RequestKind.FETCH))
 
@@ -395,16 +538,42 @@ class Relay:
             group = ds.largest.group - msg.joining_start if msg.fetch_type == m.FetchType.RELATIVE_JOINING \
                 else msg.joining_start
             start = Location(max(group, 0), 0)
-        objects = list(track.cache.range(start, last))
+        floor = track.cache.floor
+        if start < floor:  # objects of unknown status in the range: never leave them out silently
+            return refuse(m.RequestErrorCode.INVALID_RANGE,
+                          f"objects before group {floor.group} object {floor.object} are not cached here")
+        # draft-16: no GROUP_ORDER means ascending; draft-14's 0 means the publisher's order
+        order = msg.params.group_order or (track.group_order if peer.session.version == Version.DRAFT_14
+                                           else GroupOrder.ASCENDING)
+        objects = deque(track.cache.range(start, last, descending=order == GroupOrder.DESCENDING))
         if not objects:
             return refuse(m.RequestErrorCode.INVALID_RANGE, "nothing cached in that range")
-        end_loc = objects[-1].location
-        peer.session.send(m.FetchOk(msg.request_id, False, Location(end_loc.group, end_loc.object + 1)))
-        writer = peer.session.open_fetch(msg.request_id)
-        for obj in objects:
-            writer.write(_from_cache(obj))
-        writer.finish()
-        self.stats.cache_hits += len(objects)
+        end_loc = max(o.location for o in objects)
+        ext = track.extensions if peer.session.version == Version.DRAFT_16 else (
+            (m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, order),)
+        peer.session.send(m.FetchOk(msg.request_id, False, Location(end_loc.group, end_loc.object + 1),
+                                    track_extensions=ext))
+        sub = msg.params.subscriber_priority
+        fs = FetchStream(peer, msg.request_id, peer.session.open_fetch(msg.request_id), objects,
+                         128 if sub is None else sub)
+        peer.fetches[msg.request_id] = fs
+        self._queue_fetch(fs)
+        self.pump(peer)
+
+    def _queue_fetch(self, fs: FetchStream) -> None:
+        obj = _from_cache(fs.pending.popleft())
+        prio = (fs.subscriber_priority, obj.publisher_priority, obj.group_id, obj.subgroup_id or 0, obj.object_id)
+        heapq.heappush(fs.peer.queue, (prio, next(fs.peer.seq), fs, obj, None))
+        fs.peer.queued_bytes += len(obj.payload)
+
+    def _fetch_write(self, fs: FetchStream, obj: Object) -> None:
+        fs.writer.write(obj)
+        self.stats.cache_hits += 1
+        if fs.pending:
+            self._queue_fetch(fs)
+        else:
+            fs.writer.finish()
+            fs.peer.fetches.pop(fs.request_id, None)
 
     def _drop_downstream(self, ds: Downstream) -> None:
         ds.active = False
@@ -441,14 +610,14 @@ class Relay:
 
     def _peer_gone(self, peer: Peer) -> None:
         self.peers.pop(id(peer.session), None)
-        for ns in list(peer.namespaces):
-            self._tell_namespace_subscribers(ns, peer, gone=True)
+        self._withdraw(peer, set(peer.namespaces))
         for track in [t for t in self.tracks.values() if t.publisher is peer]:
             self._end_track(track, m.PublishDoneCode.GOING_AWAY, f"publisher {peer.name} went away")
         for ds in list(peer.downstream.values()):
             ds.writers.clear()  # its connection is gone: nothing to reset
             self._drop_downstream(ds)
         peer.downstream.clear()
+        peer.fetches.clear()
         log.info("session %s gone", peer.name)
 
     # ---- data
@@ -457,14 +626,15 @@ class Relay:
         if track is None:
             return  # not (or no longer) subscribed: stray data is dropped
         obj = ev.object
+        if obj.publisher_priority is None:  # DEFAULT_PRIORITY: the track's, written explicitly downstream
+            obj = replace(obj, publisher_priority=track.default_priority)
         track.objects_in += 1
         self.stats.objects_in += 1
         self.stats.bytes_in += len(obj.payload)
         if ev.stream_id is not None:
             track.stream_keys[ev.stream_id] = (obj.group_id, obj.subgroup_id)
-        track.cache.add(CachedObject(Location(obj.group_id, obj.object_id), obj.subgroup_id or 0,
-                                     obj.publisher_priority or 0, int(obj.status), tuple(obj.extensions),
-                                     obj.payload))
+        track.cache.add(CachedObject(Location(obj.group_id, obj.object_id), obj.subgroup_id,
+                                     obj.publisher_priority, int(obj.status), tuple(obj.extensions), obj.payload))
         for ds in track.subscribers:
             if not ds.established:
                 continue
@@ -480,11 +650,12 @@ class Relay:
 
     # ---- scheduling
     def _priority(self, ds: Downstream, obj: Object) -> tuple[int, int, int, int, int]:
-        """Draft-16 scheduling order: subscriber priority, publisher priority, group order."""
+        """Draft-16 scheduling order: subscriber priority, publisher priority (resolved on arrival),
+        then the subscription's group order: the subscriber's, else the publisher's."""
         sub = ds.params.subscriber_priority if ds.params.subscriber_priority is not None else 128
-        descending = ds.params.group_order == GroupOrder.DESCENDING
-        group = -obj.group_id if descending else obj.group_id
-        return (sub, obj.publisher_priority or 0, group, obj.subgroup_id or 0, obj.object_id)
+        order = ds.params.group_order or ds.track.group_order
+        group = -obj.group_id if order == GroupOrder.DESCENDING else obj.group_id
+        return (sub, obj.publisher_priority, group, obj.subgroup_id or 0, obj.object_id)
 
     def _enqueue(self, ds: Downstream, obj: Object) -> None:
         prio = self._priority(ds, obj)
@@ -504,6 +675,10 @@ class Relay:
         window = transport.send_window()
         while peer.queue and (force or transport.backlog() < window):
             _, _, ds, obj, key = heapq.heappop(peer.queue)
+            if isinstance(ds, FetchStream):
+                peer.queued_bytes -= len(obj.payload)
+                self._fetch_write(ds, obj)
+                continue
             if obj is None:  # the subgroup's FIN, queued behind its objects
                 writer = ds.writers.pop(key, None)
                 if writer is not None:
@@ -573,7 +748,7 @@ class Relay:
         if writer is None:
             # extensions on: later objects of the subgroup may carry some (one byte per object)
             header = subgroup_header_for(ds.alias, obj.group_id, key[1], obj.object_id,
-                                         publisher_priority=obj.publisher_priority or 128,
+                                         publisher_priority=obj.publisher_priority,
                                          version=ds.peer.session.version, extensions=True)
             writer = ds.writers[key] = ds.peer.session.open_subgroup(header)
             ds.streams += 1

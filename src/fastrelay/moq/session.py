@@ -41,6 +41,26 @@ log = logging.getLogger("fastrelay.moq")
 # requests that consume a Request ID (draft-16 section 9.1)
 NEW_REQUESTS = (m.Subscribe, m.Fetch, m.RequestUpdate, m.SubscribeNamespace, m.Publish, m.PublishNamespace,
                 m.TrackStatus)
+_KIND_CODE = {cls: i + 1 for i, cls in enumerate(NEW_REQUESTS)}  # one byte per request ID in the tables below
+_REQUEST_OF_KIND = {m.RequestKind.SUBSCRIBE: m.Subscribe, m.RequestKind.PUBLISH: m.Publish,
+                    m.RequestKind.FETCH: m.Fetch, m.RequestKind.TRACK_STATUS: m.TrackStatus,
+                    m.RequestKind.PUBLISH_NAMESPACE: m.PublishNamespace,
+                    m.RequestKind.SUBSCRIBE_NAMESPACE: m.SubscribeNamespace,
+                    m.RequestKind.REQUEST_UPDATE: m.RequestUpdate}
+_UPDATABLE = (m.Subscribe, m.Publish, m.Fetch, m.TrackStatus, m.PublishNamespace, m.SubscribeNamespace)
+# message -> (requests of ours it may refer to, requests of the peer's it may refer to)
+_REFERS_TO: dict[type[m.Message], tuple[tuple[type[m.Message], ...], tuple[type[m.Message], ...]]] = {
+    m.SubscribeOk: ((m.Subscribe,), ()),
+    m.PublishOk: ((m.Publish,), ()),
+    m.FetchOk: ((m.Fetch,), ()),
+    m.RequestOk: ((m.RequestUpdate, m.TrackStatus, m.SubscribeNamespace, m.PublishNamespace), ()),
+    m.RequestError: (NEW_REQUESTS, ()),
+    m.PublishDone: ((m.Subscribe,), (m.Publish,)),
+    m.Unsubscribe: ((m.Publish,), (m.Subscribe,)),
+    m.FetchCancel: ((), (m.Fetch,)),
+    m.PublishNamespaceDone: ((), (m.PublishNamespace,)),
+    m.PublishNamespaceCancel: ((m.PublishNamespace,), ()),
+}
 STREAM_RESET_CANCELLED = 0x1  # data stream reset: the subscription or stream was cancelled
 
 
@@ -97,13 +117,21 @@ class StreamEnded:
 
 
 @dataclass(frozen=True)
+class GoawayReceived:
+    """The peer sent GOAWAY: it will close the session soon; no new requests may be sent to it.
+    `new_uri` is where to reconnect ("" = the current URI)."""
+
+    new_uri: str
+
+
+@dataclass(frozen=True)
 class Closed:
     code: int
     reason: str
     by_peer: bool
 
 
-Event = Ready | MessageReceived | RequestStreamClosed | ObjectReceived | StreamEnded | Closed
+Event = Ready | MessageReceived | RequestStreamClosed | ObjectReceived | StreamEnded | GoawayReceived | Closed
 
 
 class SubgroupWriter:
@@ -148,6 +176,7 @@ class FetchWriter:
         self._s = session
         self.stream_id = session.transport.open_stream(unidirectional=True)
         self._prev: Object | None = None
+        self.done = False
         session.transport.send(self.stream_id, encode_fetch_header(FetchHeader(request_id)))
 
     def write(self, obj: Object) -> None:
@@ -155,7 +184,15 @@ class FetchWriter:
         self._prev = obj
 
     def finish(self) -> None:
-        self._s.transport.send(self.stream_id, b"", fin=True)
+        if not self.done:
+            self._s.transport.send(self.stream_id, b"", fin=True)
+            self.done = True
+
+    def reset(self, code: int = STREAM_RESET_CANCELLED) -> None:
+        """Abandon the stream (e.g. on FETCH_CANCEL), even in the middle of an object."""
+        if not self.done:
+            self._s.transport.reset(self.stream_id, code)
+            self.done = True
 
 
 class MoqtSession:
@@ -183,6 +220,12 @@ class MoqtSession:
         self._window = max_request_id
         self._our_max = max_request_id          # what we allow the peer (MAX_REQUEST_ID sent)
         self._peer_max = 0                      # what the peer allows us
+        # kind of every request sent (ours) and received (the peer's), indexed by request ID // 2:
+        # tells a reply to a request that never existed from one to a request that is over
+        self._our_kinds = bytearray()
+        self._peer_kinds = bytearray()
+        self.goaway_received: GoawayReceived | None = None
+        self.goaway_sent = False
         self.peer_setup: SetupParams | None = None
 
     # ---- start
@@ -200,16 +243,38 @@ class MoqtSession:
         self.transport.send(self.control_stream, m.encode_message(msg, self.version))
 
     def send(self, msg: m.Message) -> None:
-        """Send a control message (request IDs of new requests come from next_request_id())."""
+        """Send a control message (request IDs of new requests come from next_request_id()).
+        ConnectionError for a new request after the peer's GOAWAY; ValueError for a GOAWAY the
+        draft forbids (a second one, or one with a URI from a client)."""
         if self.closed:
             raise ConnectionError("session closed")
         if not self.ready:
             raise ConnectionError("session not set up yet")
+        if isinstance(msg, m.Goaway):
+            if self.goaway_sent:
+                raise ValueError("GOAWAY already sent")
+            if self.client and msg.new_session_uri:
+                raise ValueError("a client's GOAWAY carries no new session URI")
+            self.goaway_sent = True
+        if isinstance(msg, NEW_REQUESTS):
+            self._new_request(msg)
         self._send_control(msg)
 
-    def next_request_id(self) -> int:
+    def goaway(self, new_uri: str = "") -> None:
+        """Tell the peer this session ends soon (once per session); a server may name a new URI."""
+        self.send(m.Goaway(new_uri))
+
+    @property
+    def accepts_requests(self) -> bool:
+        """Whether new requests may be sent (set up, open, and no GOAWAY received)."""
+        return self.ready and not self.closed and self.goaway_received is None
+
+    def next_request_id(self, update: bool = False) -> int:
         """Take the next Request ID for a new request; ConnectionError if the peer's limit is reached
-        (REQUESTS_BLOCKED is sent)."""
+        (REQUESTS_BLOCKED is sent) or, unless it is for a REQUEST_UPDATE (`update`), if the peer sent
+        GOAWAY (draft-16 section 9.4: no new requests after it)."""
+        if self.goaway_received is not None and not update:
+            raise ConnectionError("the peer sent GOAWAY: no new requests")
         rid = self._next_request_id
         if rid >= self._peer_max:
             self._send_control(m.RequestsBlocked(self._peer_max))
@@ -224,6 +289,8 @@ class MoqtSession:
     def open_request_stream(self, msg: m.Message) -> int:
         """Send a request on a new bidirectional stream of its own; replies arrive as
         MessageReceived with that stream_id."""
+        if isinstance(msg, NEW_REQUESTS):
+            self._new_request(msg)
         sid = self.transport.open_stream(unidirectional=False)
         self._requests[sid] = m.ControlStreamParser(self.version)
         self.transport.send(sid, m.encode_message(msg, self.version))
@@ -331,8 +398,10 @@ class MoqtSession:
             if peer_opened and stream_id not in self._requests_opened:
                 if not isinstance(msg, m.SubscribeNamespace):
                     raise violation(f"{type(msg).__name__} cannot open a request stream")
-                self._check_peer_request(msg.request_id)
+                self._check_peer_request(msg)
                 self._requests_opened.add(stream_id)
+            else:
+                self._check_reference(msg)
             self._emit(MessageReceived(msg, stream_id))
         if fin:
             self._requests.pop(stream_id, None)
@@ -350,9 +419,22 @@ class MoqtSession:
                 raise violation("MAX_REQUEST_ID did not increase")
             self._peer_max = msg.max_request_id
             return
+        if isinstance(msg, m.Goaway):
+            self._on_goaway(msg)
+            return
         if isinstance(msg, NEW_REQUESTS):
-            self._check_peer_request(msg.request_id)
+            self._check_peer_request(msg)
+        self._check_reference(msg)
         self._emit(MessageReceived(msg))
+
+    def _on_goaway(self, msg: m.Goaway) -> None:
+        if self.goaway_received is not None:
+            raise violation("second GOAWAY")
+        if not self.client and msg.new_session_uri:
+            raise violation("GOAWAY from the client with a new session URI")
+        self.goaway_received = GoawayReceived(msg.new_session_uri)
+        log.debug("peer sent GOAWAY (new URI %r)", msg.new_session_uri)  # its handler says what it does
+        self._emit(self.goaway_received)
 
     def _on_setup(self, msg: m.Message) -> None:
         if self.client:
@@ -372,13 +454,45 @@ class MoqtSession:
         self.ready = True
         self._emit(Ready(self.version, msg.params))
 
-    def _check_peer_request(self, request_id: int) -> None:
+    def _new_request(self, msg: m.Message) -> None:
+        """Check and note a request we are about to send."""
+        if self.goaway_received is not None and not isinstance(msg, m.RequestUpdate):
+            raise ConnectionError(f"the peer sent GOAWAY: {type(msg).__name__} is a new request")
+        rid = msg.request_id
+        if rid & 0x1 != (0 if self.client else 1) or rid >= self._next_request_id:
+            raise ValueError(f"request ID {rid} was not taken from next_request_id()")
+        _record(self._our_kinds, rid, type(msg))
+
+    def _check_reference(self, msg: m.Message) -> None:
+        """A message naming a request (a reply, or one ending or updating it) must name one that
+        exists or existed, of a kind it can refer to; anything else closes the session
+        (PROTOCOL_VIOLATION). A request that is already over is fine: that is a race, not an error."""
+        if isinstance(msg, m.RequestUpdate):
+            ours, theirs, rid = (m.Publish,), _UPDATABLE, msg.existing_request_id
+        elif type(msg) in _REFERS_TO and getattr(msg, "request_id", None) is not None:
+            (ours, theirs), rid = _REFERS_TO[type(msg)], msg.request_id
+            kind = getattr(msg, "request_kind", None)  # draft-14 replies name the kind of request
+            if kind is not None:
+                ours = (_REQUEST_OF_KIND[kind],)
+        else:
+            return
+        mine = rid & 0x1 == (0 if self.client else 1)
+        kinds, table = (ours, self._our_kinds) if mine else (theirs, self._peer_kinds)
+        code = table[rid >> 1] if rid >> 1 < len(table) else 0
+        if not code or NEW_REQUESTS[code - 1] not in kinds:
+            what = NEW_REQUESTS[code - 1].__name__ if code else "none"
+            raise violation(f"{type(msg).__name__} for request {rid}, which is no {'/'.join(k.__name__ for k in kinds)}"
+                            f" {'we sent' if mine else 'the peer sent'} (request kind: {what})")
+
+    def _check_peer_request(self, msg: m.Message) -> None:
+        request_id = msg.request_id
         if request_id != self._peer_next_request_id:
             raise ProtocolError(ErrorCode.INVALID_REQUEST_ID,
                                 f"request ID {request_id}, expected {self._peer_next_request_id}")
         if request_id >= self._our_max:
             raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, f"request ID {request_id} beyond {self._our_max}")
         self._peer_next_request_id += 2
+        _record(self._peer_kinds, request_id, type(msg))
         if self._our_max - request_id <= self._window // 2:  # keep the window open
             self._our_max += self._window
             self._send_control(m.MaxRequestId(self._our_max))
@@ -409,6 +523,13 @@ class MoqtSession:
         if fin:
             self._data.pop(stream_id, None)
             self._emit(StreamEnded(stream_id, parser.header, None))
+
+
+def _record(table: bytearray, request_id: int, kind: type[m.Message]) -> None:
+    index = request_id >> 1
+    if index >= len(table):
+        table.extend(bytes(index + 1 - len(table)))
+    table[index] = _KIND_CODE[kind]
 
 
 def _with_max_request_id(params: SetupParams, max_request_id: int) -> SetupParams:
