@@ -309,16 +309,24 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--raw", action="store_true", help="payloads are not H.264 (synthetic source)")
             c.add_argument("--progress", action="store_true", help="print a JSON progress line every second")
 
+    from .bench.moq import DATAPATHS as MOQ_DATAPATHS
+
     be = sub.add_parser("bench", help="benchmarks (kernel vs userspace, one run)")
-    be.add_argument("what", choices=("udp-fanout", "moq"))
-    be.add_argument("--quick", action="store_true", help="short run (< 60 s)")
-    be.add_argument("--json", action="store_true", help="print one JSON object")
-    be.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16,64)")
-    be.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
-    be.add_argument("--write", metavar="FILE", help="append result rows to this markdown file (BENCHMARKS.md)")
-    be.add_argument("--plots", metavar="DIR", help="write PNG plots here")
-    be.add_argument("--rate", type=float, default=500.0, help="moq: objects per second published")
-    be.add_argument("--size", type=int, default=1200, help="moq: object size in bytes")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="short run (< 60 s)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    common.add_argument("--write", metavar="FILE", help="append result rows to this markdown file (BENCHMARKS.md)")
+    what = be.add_subparsers(dest="what", required=True)
+    bu = what.add_parser("udp-fanout", parents=[common], help="UDP fan-out, kernel vs userspace data path")
+    bu.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16,64)")
+    bu.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    bm = what.add_parser("moq", parents=[common], help="MoQT relay vs aiomoqt's relay, same load")
+    bm.add_argument("--datapath", choices=tuple(MOQ_DATAPATHS), default="userspace",
+                    help="fastrelay relay's data path")
+    bm.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16)")
+    bm.add_argument("--rate", type=float, default=500.0, help="objects per second published")
+    bm.add_argument("--size", type=int, default=1200, help="object size in bytes")
     be.set_defaults(fn=_bench)
     return p
 

@@ -1,7 +1,9 @@
 """`make demo`: fastrelay in a namespace lab (publisher, relay, 4 subscriber namespaces).
 
 1. MoQT: ffmpeg's H.264 test pattern is published through `fastrelay relay` to 4 subscribers
-   (live per-subscriber table); the received videos are written and checked with ffprobe.
+   (live per-subscriber table: objects/s, latency, objects lost, and the objects the relay
+   dropped for slow subscribers, from its Prometheus endpoint); the received videos are
+   written and checked with ffprobe.
 2. UDP fan-out: each data path relays a real stream to 4 subscriber sockets, every byte
    verified, then both paths are measured side by side (the benchmark's method, shorter).
 3. Plots and videos go to demo-output/.
@@ -15,7 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from .bench import udp_fanout as bench
 from .lab.topology import Lab
@@ -51,13 +56,32 @@ def verify(lab: Lab, datapath: str) -> str:
 
 MOQ_PORT = 4443
 MOQ_SECONDS = 6
+METRICS = "127.0.0.1:9464"  # the relay's Prometheus endpoint, inside the relay namespace
+
+
+def dropped_objects(metrics: str) -> int:
+    """The relay's count of objects not sent to slow subscribers, from its /metrics text."""
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "fastrelay_moq_dropped_objects":
+            return int(sum(sample.value for sample in family.samples if sample.name.endswith("_total")))
+    raise ValueError("the relay's metrics have no fastrelay_moq_dropped_objects")
+
+
+def _relay_dropped(lab: Lab) -> int | None:
+    """Scrape the relay's drop counter (None while its endpoint does not answer)."""
+    try:
+        with entered(lab.relay_ns):
+            text = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=1).read().decode()
+    except OSError:
+        return None
+    return dropped_objects(text)
 
 
 def moq(lab: Lab, out: Path) -> bool:
     """Publisher -> MoQT relay -> 4 subscribers in the lab; True if every video decodes."""
     fr = [sys.executable, "-m", "fastrelay"]
     relay = subprocess.Popen(exec_argv(lab.relay_ns, [*fr, "relay", f"moqt://0.0.0.0:{MOQ_PORT}",
-                                                     "--state-dir", str(out)]),
+                                                     "--state-dir", str(out), "--metrics", METRICS]),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[subprocess.Popen] = []
     try:
@@ -77,16 +101,20 @@ def moq(lab: Lab, out: Path) -> bool:
             subs.append(p)
             procs.append(p)
         last: list[dict] = [{} for _ in subs]
-        print(f"{'sub':>4} {'objects':>8} {'obj/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'gaps':>5}")
+        print(f"{'sub':>4} {'objects':>8} {'obj/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'gaps':>5}")
         readers = [threading.Thread(target=_follow, args=(p, last, i), daemon=True) for i, p in enumerate(subs)]
         for t in readers:
             t.start()
+        dropped = None
         while any(p.poll() is None for p in subs):
             time.sleep(1.0)
             for i, snap in enumerate(last):
                 if snap:
                     print(f"{i:>4} {snap['objects']:>8} {snap.get('objects_per_s', '-'):>6} "
-                          f"{snap['latency_p50_ms'] or '-':>7} {snap['latency_p99_ms'] or '-':>7} {snap['gaps']:>5}")
+                          f"{snap['latency_p50_ms'] or '-':>7} {snap['latency_p99_ms'] or '-':>7} "
+                          f"{snap['lost']:>5} {snap['gaps']:>5}")
+            dropped = _relay_dropped(lab) if relay.poll() is None else dropped
+            print(f"relay: {'-' if dropped is None else dropped} objects dropped for slow subscribers")
         for t in readers:
             t.join()
         publisher.wait()
@@ -104,7 +132,8 @@ def moq(lab: Lab, out: Path) -> bool:
         decoded = probe.stdout.strip()
         good = probe.returncode == 0 and not probe.stderr.strip() and decoded == str(snap.get("frames_written"))
         ok &= good
-        print(f"subscriber {i}: {snap.get('objects')} objects, ended {snap.get('ended')}, video decodes: "
+        print(f"subscriber {i}: {snap.get('objects')} objects, {snap.get('lost')} lost, {snap.get('gaps')} gaps, "
+              f"ended {snap.get('ended')}, video decodes: "
               f"{'yes' if good else 'NO'} ({decoded} frames, {out / f'moq_sub{i}.h264'})")
     return ok
 

@@ -4,7 +4,8 @@ Per fan-out, one run: a relay process, a publisher process sending synthetic obj
 fixed rate, and one process holding N subscriber sessions. Reported per case: delivered
 objects/s, end-to-end latency p50/p99 (subscriber clock minus the publisher's send-time
 extension, same host), relay CPU per delivered object (schedstat of the relay process) and
-objects lost. Relays: fastrelay (userspace data path) and, where installed, aiomoqt's.
+objects lost. Relays: fastrelay on the chosen data path (`--datapath`) and, where installed,
+aiomoqt's (userspace).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from ..lab.cpu import process_cpu_s
 from .report import replace_section, table
 
 NS, TRACK = "bench/moq", "synthetic"
+# `fastrelay relay` arguments per data path the benchmark can run it on
+DATAPATHS: dict[str, tuple[str, ...]] = {"userspace": ()}
 
 
 @dataclass
 class MoqCase:
     relay: str
+    datapath: str
     fanout: int
     objects_per_s: float
     latency_p50_ms: float | None
@@ -46,11 +50,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def relay_command(name: str, port: int, state: str) -> list[str]:
-    """The command running relay `name` on 127.0.0.1:port (draft-16, raw QUIC)."""
+def relay_command(name: str, port: int, state: str, datapath: str = "userspace") -> list[str]:
+    """The command running relay `name` on 127.0.0.1:port (draft-16, raw QUIC); `datapath` is
+    fastrelay's (aiomoqt's relay is userspace only)."""
     if name == "fastrelay":
+        if datapath not in DATAPATHS:
+            raise ValueError(f"data path {datapath!r}: choose from {', '.join(DATAPATHS)}")
         return [sys.executable, "-m", "fastrelay", "relay", f"moqt://127.0.0.1:{port}", "--state-dir", state,
-                "--drafts", "16"]
+                "--drafts", "16", *DATAPATHS[datapath]]
     if name == "aiomoqt":
         from ..quic.tls import self_signed
 
@@ -69,11 +76,13 @@ def available_relays() -> list[str]:
     return ["fastrelay"] + (["aiomoqt"] if importlib.util.find_spec("aiomoqt") else [])
 
 
-def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float) -> MoqCase:
+def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, datapath: str = "userspace") -> MoqCase:
+    """One relay process, one publisher, `fanout` subscribers for `seconds`; the measured case."""
     port = _free_port()
     url = f"moqt://127.0.0.1:{port}"
+    datapath = datapath if relay == "fastrelay" else "userspace"
     with tempfile.TemporaryDirectory() as state:
-        rproc = subprocess.Popen(relay_command(relay, port, state), stdout=subprocess.DEVNULL,
+        rproc = subprocess.Popen(relay_command(relay, port, state, datapath), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         procs = [rproc]
         try:
@@ -101,7 +110,7 @@ def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float) ->
                     p.wait()
     delivered = sum(r["objects"] for r in results)
     lat = sorted(x for r in results for x in r["latencies"])
-    return MoqCase(relay, fanout, delivered / seconds,
+    return MoqCase(relay, datapath, fanout, delivered / seconds,
                    lat[len(lat) // 2] if lat else None, lat[int(0.99 * (len(lat) - 1))] if lat else None,
                    (cpu1 - cpu0) * 1e3 / delivered if delivered else None,
                    sent["objects"] * fanout - delivered)
@@ -125,16 +134,17 @@ def main(args: argparse.Namespace) -> int:
     cases = []
     for relay in relays:
         for fanout in fanouts:
-            c = run_case(relay, fanout, rate=args.rate, size=args.size, seconds=seconds)
+            c = run_case(relay, fanout, rate=args.rate, size=args.size, seconds=seconds, datapath=args.datapath)
             cases.append(c)
-            print(f"  {c.relay:10} fanout {c.fanout:3}  objects/s {c.objects_per_s:8.0f}  p50 {c.latency_p50_ms} ms"
-                  f"  p99 {c.latency_p99_ms} ms  cpu {c.cpu_ms_per_object} ms/object  lost {c.lost}",
+            print(f"  {c.relay:10} {c.datapath:9} fanout {c.fanout:3}  objects/s {c.objects_per_s:8.0f}"
+                  f"  p50 {c.latency_p50_ms} ms  p99 {c.latency_p99_ms} ms  cpu {c.cpu_ms_per_object} ms/object"
+                  f"  lost {c.lost}",
                   file=sys.stderr)
     if args.write:
-        rows = [[c.relay, c.fanout, f"{c.objects_per_s:.0f}", _f(c.latency_p50_ms), _f(c.latency_p99_ms),
+        rows = [[c.relay, c.datapath, c.fanout, f"{c.objects_per_s:.0f}", _f(c.latency_p50_ms), _f(c.latency_p99_ms),
                  _f(c.cpu_ms_per_object, 4), c.lost] for c in cases]
         body = "\n".join([
-            "## MoQT relay (userspace data path) vs aiomoqt's relay",
+            f"## MoQT relay ({args.datapath} data path) vs aiomoqt's relay",
             "",
             f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} CPUs), synthetic objects of "
             f"{args.size} bytes at {args.rate:g}/s, {seconds:g} s per case, publisher, relay and subscribers on "
@@ -142,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
             "",
             "    " + "fastrelay bench moq " + " ".join(sys.argv[3:]),
             "",
-            table(["relay", "fan-out", "objects/s delivered", "latency p50 ms", "latency p99 ms",
+            table(["relay", "data path", "fan-out", "objects/s delivered", "latency p50 ms", "latency p99 ms",
                    "relay CPU ms/object", "lost"], rows),
             "",
             *[f"- {line}" for line in _ratios(cases)],

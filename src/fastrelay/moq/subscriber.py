@@ -2,17 +2,19 @@
 
 Objects of one group arrive on two subgroup streams (keyframe, dependent frames), so they
 are put back in (group, object) order before being written; a group that cannot be
-completed is skipped at the next keyframe and counted as a gap. End-to-end latency is the
-subscriber's wall clock minus the publisher's send-time extension (same host or synced
-clocks).
+completed is skipped at the next keyframe and counted as a gap. Objects that never arrived
+are counted as lost (:class:`LossLedger`). End-to-end latency is the subscriber's wall
+clock minus the publisher's send-time extension (same host or synced clocks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,12 +24,16 @@ from . import messages as m
 from .data import FetchHeader
 from .endpoint import MoqtClient
 from .params import MessageParams, Version
-from .session import Closed, MessageReceived, ObjectReceived, StreamEnded
+from .session import Closed, GoawayReceived, MessageReceived, ObjectReceived, StreamEnded
 
 log = logging.getLogger("fastrelay.subscribe")
 
 DONE_GRACE_S = 2.0  # after PUBLISH_DONE, how long to wait for streams still in flight
 REORDER_GROUPS = 2  # groups held back waiting for a missing object before skipping ahead
+SETTLE_GROUPS = 2  # a group's losses are counted once a group this much newer has begun
+INTERVAL_GROUPS = 15  # recent groups whose timestamps give the frame interval
+SLOPE_POINTS = 40  # objects per group used for its interval
+KEEP_SETTLED = 256  # settled groups whose late objects still correct the loss count
 
 
 @dataclass
@@ -36,6 +42,7 @@ class SubscribeResult:
     bytes: int = 0
     written: int = 0
     gaps: int = 0
+    lost: int = 0  # objects known to be missing (LossLedger)
     duplicates: int = 0
     bad: int = 0  # payloads that failed verification
     last_group: int | None = None
@@ -49,9 +56,118 @@ class SubscribeResult:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
-                "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group,
+                "lost": self.lost, "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group,
                 "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
                 "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
+
+
+@dataclass
+class _GroupSeen:
+    stamps: dict[int, int | None] = field(default_factory=dict)  # object id -> LOC timestamp (us)
+
+    def interval(self) -> tuple[float, int] | None:
+        """(timestamp step per object id, ids it spans): the median slope over pairs of stamped
+        objects (Theil-Sen: precise over the group, robust to a late burst); None below two."""
+        known = sorted((o, s) for o, s in self.stamps.items() if s is not None)
+        known = known[:: max(1, -(-len(known) // SLOPE_POINTS))]  # a subsample bounds the pairs
+        slopes = [(s2 - s1) / (o2 - o1) for (o1, s1), (o2, s2) in itertools.combinations(known, 2)]
+        return (statistics.median(slopes), known[-1][0] - known[0][0]) if slopes else None
+
+    def start(self, interval: float) -> float | None:
+        """Where the group begins, in frame intervals: the median over its objects of
+        timestamp / interval - object id (robust to jitter and to a late burst)."""
+        starts = [s / interval - o for o, s in self.stamps.items() if s is not None]
+        return statistics.median(starts) if starts else None
+
+
+@dataclass
+class _Settled:
+    """Groups settled together (one received group and those skipped whole after it)."""
+
+    lost: int  # objects counted lost in them that have not arrived since
+    ids: dict[int, set[int]]  # group -> object ids received
+
+
+class LossLedger:
+    """Counts objects known to be missing, from the object ids and LOC timestamps received.
+
+    Inside a group, every id below the highest one received that never arrived is lost. The
+    end of a group (a stream the relay reset, or never opened, for a slow subscriber) and
+    groups skipped whole are counted from the timestamps: the frame interval (per group the
+    Theil-Sen slope of timestamp over object id, then a median over recent groups) places
+    each group's start on the frame schedule; the frames from one received group's start to
+    the next one's, minus those received, were lost. Without timestamps only the ids count.
+    Counting starts at the first group whose object 0 arrived (what precedes the subscription
+    is not lost). A group is settled once a group SETTLE_GROUPS newer has begun, and
+    `finish()` settles the rest (past the last object received nothing is known); an object
+    counted lost that arrives late after all (another stream, lower priority) is taken off
+    the count again.
+    """
+
+    def __init__(self) -> None:
+        self.lost = 0
+        self._groups: dict[int, _GroupSeen] = {}
+        self._intervals: deque[tuple[float, int]] = deque(maxlen=INTERVAL_GROUPS)  # (step, ids spanned)
+        self._settled: int | None = None  # newest settled group (its objects count as late)
+        self._counted: dict[int, _Settled] = {}  # recent settled groups
+        self._started = False
+
+    def add(self, group: int, obj: int, stamp_us: int | None) -> None:
+        """An object arrived (`stamp_us`: its LOC timestamp in microseconds, if any)."""
+        if self._settled is not None and group <= self._settled:
+            settled = self._counted.get(group)
+            ids = settled.ids.setdefault(group, set()) if settled else set()
+            if settled and settled.lost > 0 and obj not in ids:  # counted lost, came late after all
+                ids.add(obj)
+                settled.lost -= 1
+                self.lost -= 1
+            return
+        self._groups.setdefault(group, _GroupSeen()).stamps[obj] = stamp_us
+        newest = max(self._groups)
+        for g in sorted(self._groups):
+            if g > newest - SETTLE_GROUPS:
+                break
+            self._settle(g)
+
+    def finish(self) -> None:
+        """Settle every group (end of the run)."""
+        for g in sorted(self._groups):
+            self._settle(g)
+
+    def _interval(self) -> float | None:
+        """The frame interval: median of recent groups' steps (groups still open included), each
+        weighted by the ids it spans (a group cut short says less)."""
+        samples = [*self._intervals, *filter(None, (g.interval() for g in self._groups.values()))]
+        total = sum(w for _, w in samples)
+        for step, weight in sorted(samples):
+            total -= 2 * weight
+            if total <= 0:
+                return step
+        return None
+
+    def _settle(self, group: int) -> None:
+        seen = self._groups.pop(group)
+        self._settled = group
+        if (own := seen.interval()) is not None:
+            self._intervals.append(own)
+        if not self._started:
+            if 0 not in seen.stamps:
+                return  # joined mid-group
+            self._started = True
+        expected = max(seen.stamps) + 1
+        following = min(self._groups) if self._groups else group + 1
+        self._settled = following - 1  # and the groups skipped whole up to the next received one
+        interval = self._interval()
+        if self._groups and interval is not None and interval > 0:
+            here, there = seen.start(interval), self._groups[following].start(interval)
+            if here is not None and there is not None:
+                expected = max(expected, round(there - here))  # this group and any skipped whole
+        self.lost += expected - len(seen.stamps)
+        settled = _Settled(expected - len(seen.stamps), {group: set(seen.stamps)})
+        for g in range(group, min(following, group + KEEP_SETTLED)):
+            self._counted[g] = settled
+        while len(self._counted) > KEEP_SETTLED:
+            del self._counted[min(self._counted)]
 
 
 class _Reorder:
@@ -102,7 +218,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                     out: str | None = None, duration: float | None = None, codec: str = "h264",
                     verify: Callable[[int, int, bytes], bool] | None = None,
                     progress: Callable[[dict[str, object]], None] | None = None) -> SubscribeResult:
-    """Subscribe and receive until PUBLISH_DONE, the session ends, or `duration` seconds pass."""
+    """Subscribe and receive until PUBLISH_DONE, GOAWAY, the session ends, or `duration` seconds pass."""
     result = SubscribeResult()
     writer = AnnexBWriter(out) if out else None
     seen: set[tuple[int, int]] = set()
@@ -113,6 +229,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
             result.written += 1
 
     reorder = _Reorder(write)
+    ledger = LossLedger()
     async with MoqtClient(url, version) as client:
         reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, MessageParams(forward=True)))
         if isinstance(reply, m.RequestError):
@@ -135,6 +252,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 result.ended = f"publish_done({done.status_code})"
                 break
             if progress is not None and now >= next_report:
+                result.gaps, result.lost = reorder.gaps, ledger.lost
                 snap = result.summary()
                 snap["objects_per_s"] = result.objects - last_objects
                 last_objects, next_report = result.objects, now + 1.0
@@ -170,6 +288,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 sent_us = frame.send_time_us or (frame.pts_us if frame.wallclock else None)
                 if sent_us:  # our private send time, else LOC's wall-clock TIMESTAMP (other publishers)
                     result.latencies_ms.append((now_us - sent_us) / 1000)
+                ledger.add(obj.group_id, obj.object_id, frame.pts_us)
                 reorder.add(obj.group_id, obj.object_id, frame)
             elif isinstance(ev, StreamEnded) and getattr(ev.header, "track_alias", None) == alias:
                 streams_done += 1
@@ -178,11 +297,21 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 # how many there were; wait for them (briefly: some may have been reset)
                 done, done_deadline = ev.message, time.monotonic() + DONE_GRACE_S
                 deadline = min(deadline, done_deadline) if deadline else done_deadline
+            elif isinstance(ev, GoawayReceived):
+                # the relay is shutting down: keep what arrived, end now (a reconnect is the caller's choice)
+                log.info("relay sent GOAWAY%s: ending the subscription after %d objects",
+                         f" (new session URI {ev.new_uri})" if ev.new_uri else "", result.objects)
+                result.ended = "goaway"
+                break
             elif isinstance(ev, Closed):
                 result.ended = f"closed({ev.reason})"
                 break
     reorder.flush()
-    result.gaps = reorder.gaps
+    ledger.finish()
+    result.gaps, result.lost = reorder.gaps, ledger.lost
     if writer is not None:
         writer.close()
+    summary = result.summary()
+    log.info("%d objects, lost %d, gaps %d, latency p50 %s ms p99 %s ms; ended: %s", result.objects, result.lost,
+             result.gaps, summary["latency_p50_ms"], summary["latency_p99_ms"], result.ended)
     return result
