@@ -23,6 +23,7 @@ BPF_TC_EGRESS = 2
 BPF_TC_F_REPLACE = 1
 BPF_STATS_RUN_TIME = 0
 BPF_ANY = 0
+BPF_NOEXIST = 1
 
 
 class BpfTcHook(ctypes.Structure):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
 from aioquic.asyncio import connect, serve
@@ -20,6 +20,9 @@ from . import messages as m
 from .params import ALPN, LEGACY_ALPN, Version
 from .relay import Relay
 from .session import Closed, Event, MessageReceived, MoqtSession, Ready
+
+if TYPE_CHECKING:
+    from .kernel_path import KernelPath
 
 log = logging.getLogger("fastrelay.moq")
 
@@ -54,6 +57,7 @@ class SessionGlue:
         self.session: MoqtSession | None = None
         self._on_session = on_session
         self.on_input: Callable[[], None] | None = None
+        self.on_raw: Callable[[int, bytes, bool], None] | None = None  # stream bytes before parsing
 
     def handshake_completed(self, link: QuicLink, alpn: str | None) -> None:
         version = VERSION_OF.get(alpn or "")
@@ -67,6 +71,8 @@ class SessionGlue:
         self.session.start()
 
     def stream_data(self, stream_id: int, data: bytes, fin: bool) -> None:
+        if self.on_raw is not None:
+            self.on_raw(stream_id, data, fin)
         if self.session:
             self.session.stream_data(stream_id, data, fin)
 
@@ -93,9 +99,12 @@ class SessionGlue:
 
 async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
                       versions: tuple[Version, ...] = (Version.DRAFT_16, Version.DRAFT_14),
-                      limits: Limits | None = None):
-    """Accept MoQT sessions for `relay`; returns the aioquic server (close() to stop)."""
-    cfg = configuration(client=False, alpn=[ALPN_OF[v] for v in versions], cert=cert, key=key, limits=limits)
+                      limits: Limits | None = None, plaintext: bool = False, kernel: KernelPath | None = None):
+    """Accept MoQT sessions for `relay`; returns the aioquic server (close() to stop).
+    `plaintext` offers the insecure plaintext mode (used only with peers that offer it too);
+    `kernel` is the kernel data path, which sees every connection."""
+    cfg = configuration(client=False, alpn=[ALPN_OF[v] for v in versions], cert=cert, key=key, limits=limits,
+                        plaintext=plaintext)
 
     def factory(link: QuicLink) -> SessionGlue:
         def on_session(session: MoqtSession) -> Callable[[Event], None]:
@@ -103,6 +112,9 @@ async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
             glue.on_input = lambda: relay.pump(peer)  # acknowledgements may have opened the window
             return lambda ev: relay.on_event(peer, ev)
         glue = SessionGlue(link, client=False, on_session=on_session)
+        if kernel is not None:
+            kernel.attach_link(link)
+            glue.on_raw = lambda sid, data, fin: kernel.upstream_data(link, sid, data, fin)
         return glue
 
     return await serve(host, port, configuration=cfg,
@@ -113,11 +125,11 @@ class MoqtClient:
     """A client session as an async context manager with an event queue and request helpers."""
 
     def __init__(self, url: str, version: Version = Version.DRAFT_16, *, verify: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, plaintext: bool = False) -> None:
         self.url = MoqtUrl.parse(url)
         self.version = version
         self._cfg = configuration(client=True, alpn=[ALPN_OF[version]], verify=verify, limits=limits,
-                                  server_name=self.url.host)
+                                  server_name=self.url.host, plaintext=plaintext)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._ready = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[m.Message]] = {}

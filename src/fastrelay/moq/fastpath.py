@@ -23,7 +23,7 @@ from ..kernel import abi
 from ..kernel.attach import TcLink
 from ..kernel.errors import KernelError
 from ..kernel.features import l4_csum_ipv6_flag
-from ..kernel.libbpf import BpfTestRunOpts, check, lib
+from ..kernel.libbpf import BPF_NOEXIST, BpfTestRunOpts, check, lib
 from ..kernel.objects import BpfObject
 
 log = logging.getLogger("fastrelay.fastpath")
@@ -304,6 +304,21 @@ class MoqFastPath:
     def dstream(self, slot: int, up: int, stream: int) -> abi.MoqDstream | None:
         """What the egress decided for upstream stream `stream` of `up` towards `slot`."""
         return self._dstream.lookup(abi.MoqStreamKey(conn=slot, up=up, stream=stream))
+
+    def claim_for_userspace(self, slot: int, up: int, stream: int) -> abi.MoqDstream:
+        """The kernel's decision for this stream and subscriber, or, if it made none (the stream
+        began before the subscriber joined, or never reached the kernel), a NOT_JOINED entry so
+        it never takes the stream later (e.g. on a retransmitted start)."""
+        key = abi.MoqStreamKey(conn=slot, up=up, stream=stream)
+        st = self._dstream.lookup(key)
+        if st is None:
+            mine = abi.MoqDstream(state=StreamState.NOT_JOINED)
+            try:
+                self._dstream.update(key, mine, BPF_NOEXIST)
+                return mine
+            except FileExistsError:
+                st = self._dstream.lookup(key)
+        return st
 
     def set_stream_limit(self, slot: int, up: int, stream: int, limit: int) -> None:
         """The subscriber raised MAX_STREAM_DATA on a kernel-forwarded stream."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
@@ -92,10 +93,19 @@ class QuicLink(QuicConnectionProtocol):
         self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
         self.closed = asyncio.get_event_loop().create_future()
         self._transmit_scheduled = False
+        # kernel data path hooks (moq/kernel_path.py): records drained before input, budgets
+        # published after it, stream ids from a counter shared with the kernel
+        self.before_input: Callable[[], None] | None = None
+        self.after_input: Callable[[QuicLink], None] | None = None
+        self.stream_allocator: Callable[[], int] | None = None
 
     # ---- events in
     def datagram_received(self, data: bytes | str, addr: tuple) -> None:
+        if self.before_input is not None:
+            self.before_input()
         super().datagram_received(data, addr)
+        if self.after_input is not None:
+            self.after_input(self)
         if self.handler is not None:
             self.handler.input_processed()
 
@@ -147,7 +157,14 @@ class QuicLink(QuicConnectionProtocol):
         """How much it is useful to have written ahead: twice the congestion window."""
         return 2 * congestion_window(self._quic)
 
+    @property
+    def quic(self) -> QuicConnection:
+        """The aioquic connection."""
+        return self._quic
+
     def open_stream(self, unidirectional: bool) -> int:
+        if unidirectional and self.stream_allocator is not None:
+            return self.stream_allocator()
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
