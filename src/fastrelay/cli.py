@@ -163,19 +163,37 @@ def _relay(args: argparse.Namespace) -> int:
     cert, key = certificate_files(args.cert, args.key, [url.host if url.host != "0.0.0.0" else "127.0.0.1"],
                                   Path(args.state_dir))
 
+    if args.datapath == "kernel" and not args.insecure_plaintext:
+        raise ValueError("--datapath kernel needs --insecure-plaintext: the kernel reads QUIC headers and frames")
+    if args.insecure_plaintext:
+        logging.getLogger("fastrelay").warning(
+            "INSECURE: --insecure-plaintext offers QUIC without packet protection to peers that offer it too")
+
+    # netlink (pyroute2) must not run inside the event loop: the kernel path is set up and
+    # torn down around it
+    kernel = _kernel_path(args, url) if args.datapath == "kernel" else None
+
     async def main() -> None:
-        relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes, max_backlog=args.max_backlog)
+        relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes, max_backlog=args.max_backlog,
+                      fastpath=kernel)
         server = await serve_relay(relay, url.host, url.port, str(cert), str(key),
-                                   tuple(_draft(d) for d in args.drafts.split(",")))
+                                   tuple(_draft(d) for d in args.drafts.split(",")),
+                                   plaintext=args.insecure_plaintext, kernel=kernel)
+        if kernel is not None:
+            kernel.start(asyncio.get_running_loop())
+        await serve(relay, server, kernel)
+
+    async def serve(relay, server, kernel) -> None:
         if args.metrics:
             from prometheus_client import REGISTRY, start_http_server
 
             from .moq.metrics import RelayCollector
 
             host, _, port = args.metrics.rpartition(":")
-            REGISTRY.register(RelayCollector(relay))
+            REGISTRY.register(RelayCollector(relay, kernel))
             start_http_server(int(port), addr=host or "0.0.0.0")
-        logging.getLogger("fastrelay").info("MoQT relay on %s (drafts %s)", args.url, args.drafts)
+        logging.getLogger("fastrelay").info("MoQT relay on %s (drafts %s, %s data path)", args.url, args.drafts,
+                                            args.datapath)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -183,10 +201,30 @@ def _relay(args: argparse.Namespace) -> int:
         if relay.goaway():  # let sessions see GOAWAY and leave before the sockets go
             await asyncio.sleep(args.goaway_grace)
         server.close()
-        print(json.dumps(relay.stats.__dict__))
+        stats = dict(relay.stats.__dict__)
+        if kernel is not None:
+            stats["kernel"] = kernel.counters()
+        print(json.dumps(stats))
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if kernel is not None:
+            kernel.close()
     return 0
+
+
+def _kernel_path(args: argparse.Namespace, url):
+    """The kernel data path on the relay's interfaces (all but loopback unless --interface)."""
+    import socket
+
+    from .kernel import privileges
+    from .moq.kernel_path import KernelPath
+
+    privileges.require()
+    names = args.interface or [name for _, name in socket.if_nameindex() if name != "lo"]
+    return KernelPath(url.port, [socket.if_nametoindex(n) for n in names],
+                      protect_priority=args.protect_priority)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -203,7 +241,8 @@ def _publish(args: argparse.Namespace) -> int:
     else:
         source = H264Source(args.source, duration=args.duration, realtime=True)
     result = asyncio.run(publish(args.url, _namespace(args.namespace), args.track.encode(), source,
-                                 version=_draft(args.draft), wait_subscriber=args.wait))
+                                 version=_draft(args.draft), wait_subscriber=args.wait,
+                                 plaintext=args.insecure_plaintext))
     print(json.dumps(result.__dict__))
     return 0
 
@@ -218,7 +257,8 @@ def _subscribe(args: argparse.Namespace) -> int:
 
     result = asyncio.run(subscribe(args.url, _namespace(args.namespace), args.track.encode(),
                                    version=_draft(args.draft), out=args.out, duration=args.duration,
-                                   codec="raw" if args.raw else "h264", progress=report if args.progress else None))
+                                   codec="raw" if args.raw else "h264", progress=report if args.progress else None,
+                                   plaintext=args.insecure_plaintext))
     print(json.dumps(result.summary()))
     return 0
 
@@ -274,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("--clear", action="store_true", help="impair: remove this link's impairments")
     lab.set_defaults(fn=_lab)
 
-    r = sub.add_parser("relay", help="MoQT relay (userspace data path)")
+    r = sub.add_parser("relay", help="MoQT relay (userspace or kernel data path)")
     r.add_argument("url", metavar="moqt://HOST:PORT")
     r.add_argument("--cert", help="TLS certificate (PEM); default: a generated self-signed one")
     r.add_argument("--key", help="TLS private key (PEM)")
@@ -287,6 +327,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-backlog", type=int, default=1 << 20, metavar="BYTES",
                    help="a subscriber this far behind skips to the next group (4x: its current subgroup too)")
     r.add_argument("--metrics", metavar="[ADDR:]PORT", help="serve Prometheus metrics (text format) here")
+    r.add_argument("--datapath", choices=("userspace", "kernel"), default="userspace",
+                   help="kernel: TC programs forward subgroups to plaintext subscribers (needs --insecure-plaintext)")
+    r.add_argument("--interface", action="append", metavar="IFNAME",
+                   help="kernel data path: attach here (repeatable; default every interface but lo)")
+    r.add_argument("--protect-priority", type=int, default=64, metavar="P",
+                   help="kernel data path: under congestion, new subgroups with a priority value above P are skipped")
+    r.add_argument("--insecure-plaintext", action="store_true",
+                   help="offer QUIC without packet protection (only peers offering it too use it); INSECURE")
     r.set_defaults(fn=_relay)
 
     for name, fn, text in (("publish", _publish, "publish a track through a relay"),
@@ -297,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("-T", "--track", required=True, help="track name")
         c.add_argument("--draft", choices=("16", "14"), default="16")
         c.add_argument("--duration", type=float, default=None, help="seconds (default: until the end)")
+        c.add_argument("--insecure-plaintext", action="store_true",
+                       help="offer QUIC without packet protection (for a kernel-path relay); INSECURE")
         c.set_defaults(fn=fn)
         if name == "publish":
             c.add_argument("--source", default="testsrc", help="testsrc | testsrc2 | synthetic | FILE")

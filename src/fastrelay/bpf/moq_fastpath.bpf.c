@@ -544,7 +544,7 @@ static long clone_one(__u32 i, void *data)
 		return 0;
 	c->s->armed = slot + 1;
 	if (bpf_clone_redirect(c->skb, conn->ifindex, 0))
-		count(FR_MQ_ERR);
+		count(FR_MQ_CLONE_DROPPED);      /* the egress said why, in its own counters */
 	else
 		c->clones++;
 	c->s->armed = 0;
@@ -712,7 +712,7 @@ static __always_inline struct fr_moq_dstream *open_stream(struct build_ctx *c, s
 	if (f->offset != 0) {
 		ds.state = FR_MOQ_DS_NOT_JOINED;
 		count(FR_MQ_NOT_JOINED);
-	} else if (c->st->budget <= 0 && f->priority > c->conn->protect_priority) {
+	} else if (c->st->budget < c->conn->skip_below && f->priority > c->conn->protect_priority) {
 		ds.state = FR_MOQ_DS_SKIPPED;
 		count(FR_MQ_SKIP_CONGESTION);
 	} else {

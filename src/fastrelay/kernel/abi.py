@@ -148,6 +148,7 @@ class MoqConn(ctypes.Structure):
         ("dcid", u8 * FR_MOQ_CID_LEN),
         ("max_stream", u64),
         ("stream_window", u64),
+        ("skip_below", s64),
         ("abandon_below", s64),
     ]
 

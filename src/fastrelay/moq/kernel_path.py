@@ -24,9 +24,14 @@ it does with that:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+
+from aioquic.quic.rangeset import RangeSet
 
 from ..kernel import abi
 from ..nexthop import NextHopError, Resolver
@@ -42,6 +47,17 @@ ABANDONED_RESET_CODE = 0x1  # draft-16 stream reset: INTERNAL_ERROR-class "deliv
 DATAGRAM_STREAM = (1 << 64) - 1
 
 
+MIRROR_GRACE_S = 5.0  # an ended upstream stream's bytes are kept this long for late records
+SKIP_MARGIN = 64 << 10  # bytes beyond the congestion window before new subgroups are skipped
+
+
+def _skip_below(cwnd: int) -> int:
+    """The budget under which the kernel skips new low-priority subgroups: it has sent two
+    congestion windows (at least SKIP_MARGIN) beyond the window. A control plane that is late
+    reading acknowledgements for a moment does not look like a congested subscriber."""
+    return -max(2 * cwnd, SKIP_MARGIN)
+
+
 def _varint_len(first_byte: int) -> int:
     return 1 << (first_byte >> 6)
 
@@ -55,11 +71,17 @@ def rewrite_alias(head: bytes, alias: int) -> bytes:
 
 @dataclass
 class _Mirror:
-    """The bytes of one upstream stream so far (kernel-sent ranges are registered from it)."""
+    """The bytes of one upstream unidirectional stream so far, from its start (kernel-sent
+    ranges are registered from it, handed-over streams continued from it)."""
 
     data: bytearray = field(default_factory=bytearray)
-    ended: bool = False
+    ended: float | None = None  # when it finished or was reset (monotonic)
     users: int = 0  # pending registrations and continuations that still need it
+    reset: bool = False  # the publisher reset it: handed-over copies are reset too
+
+    def end(self) -> None:
+        if self.ended is None:
+            self.ended = time.monotonic()
 
 
 @dataclass
@@ -92,7 +114,10 @@ class _Down:
     tracks: dict[int, object] = field(default_factory=dict)  # kernel track id -> relay Downstream
     aliases: dict[int, int] = field(default_factory=dict)  # kernel track id -> alias
     continuations: dict[tuple[int, int], _Continuation] = field(default_factory=dict)  # (up, up stream)
-    claimed: dict[tuple[int, int], bool] = field(default_factory=dict)  # (up, up stream) -> kernel owns it
+    claimed: dict[tuple[int, int], str | None] = field(default_factory=dict)  # (up, up stream) -> owns()
+    open_streams: dict[int, dict[int, int]] = field(default_factory=dict)  # track -> {down stream: next offset}
+    registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
+    fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
     published: tuple[int, int] = (-1, -1)
     kernel_packets: int = 0
     kernel_bytes: int = 0
@@ -106,6 +131,7 @@ class KernelStats:
     handovers: int = 0
     abandoned: int = 0
     unmatched: int = 0             # records for a connection no longer known
+    register_errors: int = 0       # kernel packets whose stream bytes could not be registered
     connections: int = 0           # subscriber connections on the kernel path now
     refused: int = 0               # connections that stayed on the userspace path
 
@@ -121,7 +147,10 @@ class KernelPath:
         self.port = port
         self.protect_priority = protect_priority
         self.abandon_below = abandon_below
-        self.resolver = Resolver()
+        # pyroute2's synchronous API refuses to run inside an event loop: netlink work goes to
+        # a thread of its own (next-hop look-ups take a millisecond or two)
+        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="fastrelay-netlink")
+        self.resolver = self._netlink.submit(Resolver).result()
         self.stats = KernelStats()
         self._downs: dict[QuicLink, _Down] = {}
         self._slots: dict[int, _Down] = {}
@@ -156,7 +185,8 @@ class KernelPath:
             self._remove_down(link)
         for up in list(self._up_links):
             self.fp.remove_upstream(up)
-        self.resolver.close()
+        self._netlink.submit(self.resolver.close).result()
+        self._netlink.shutdown()
         self.fp.close()
 
     # ---- relay core hooks (moq/relay.py FastPath)
@@ -192,12 +222,20 @@ class KernelPath:
         self.fp.subscribe(down.slot, tid, ds.alias)
 
     def downstream_gone(self, ds) -> None:
+        """A subscription ended or paused: the kernel stops, and streams it left unfinished are
+        reset (once the bytes it sent on them are registered)."""
         down = self._downs.get(ds.peer.session.transport)
         tid = self._track_ids.get(id(ds.track))
         if down is None or tid is None or down.tracks.get(tid) is not ds:
             return
         self.fp.unsubscribe(down.slot, tid)
         del down.tracks[tid]
+        self.drain()
+        unfinished = down.open_streams.pop(tid, {})
+        if unfinished and not down.link.closed.done():
+            self._register_for_reset(down, set(unfinished))
+            for sid in unfinished:
+                down.link.reset(sid, ABANDONED_RESET_CODE)
 
     def peer_gone(self, peer) -> None:
         link = peer.session.transport
@@ -208,10 +246,10 @@ class KernelPath:
             self._up_links.pop(up, None)
             self.fp.remove_upstream(up)
             for key in [k for k in self._mirrors if k[0] == up]:
-                self._mirrors[key].ended = True
+                self._mirrors[key].end()
             self._gc_mirrors()
 
-    def stream_ended(self, peer, stream_id: int) -> None:
+    def stream_ended(self, peer, stream_id: int, reset: bool = False) -> None:
         up = self._ups.get(peer.session.transport)
         if up is None:
             return
@@ -220,25 +258,30 @@ class KernelPath:
             down.claimed.pop((up, stream_id), None)
         mirror = self._mirrors.get((up, stream_id))
         if mirror is not None:
-            mirror.ended = True
+            mirror.reset = mirror.reset or reset
+            mirror.end()
             self._gc_mirrors()
 
-    def owns(self, ds, peer, stream_id: int) -> bool:
+    def owns(self, ds, peer, stream_id: int) -> str | None:
         """Whether the kernel delivers upstream stream `stream_id` of `peer` to subscription `ds`
-        (then the relay core must not); decided by the kernel at the stream's first packet."""
+        ("forward"), dropped it whole under congestion ("dropped"), or leaves it to the relay
+        (None); the kernel decided at the stream's first packet."""
         down = self._downs.get(ds.peer.session.transport)
         up = self._ups.get(peer.session.transport)
         if down is None or up is None:
-            return False
+            return None
         key = (up, stream_id)
-        known = down.claimed.get(key)
-        if known is not None:
-            return known
+        if key in down.claimed:
+            return down.claimed[key]
         st = self.fp.claim_for_userspace(down.slot, up, stream_id)
-        owned = st is not None and (st.state in (StreamState.FORWARD, StreamState.SKIPPED, StreamState.ABANDONED)
-                                    or (st.state == StreamState.USER and key in down.continuations))
-        down.claimed[key] = owned
-        return owned
+        if st.state == StreamState.SKIPPED:
+            owner = "dropped"
+        elif st.state in (StreamState.FORWARD, StreamState.ABANDONED) or key in down.continuations:
+            owner = "forward"
+        else:
+            owner = None
+        down.claimed[key] = owner
+        return owner
 
     def owns_datagrams(self, ds) -> bool:
         down = self._downs.get(ds.peer.session.transport)
@@ -246,13 +289,19 @@ class KernelPath:
         return down is not None and tid in down.tracks
 
     def upstream_data(self, link: QuicLink, stream_id: int, data: bytes, fin: bool) -> None:
-        """Raw bytes of an upstream stream, in order, as aioquic delivered them. Only streams the
-        kernel forwards are kept: their first record is drained before their first bytes arrive."""
+        """Raw bytes of an upstream stream, in order, as aioquic delivered them. Every
+        unidirectional (subgroup) stream of a kernel-path publisher is kept from its start: the
+        records of the packets the kernel cloned from it may be drained later than its bytes
+        arrive (a record can wait behind one the other CPU is still writing)."""
         up = self._ups.get(link)
-        mirror = self._mirrors.get((up, stream_id)) if up is not None else None
-        if mirror is not None:
-            mirror.data += data
-            mirror.ended = mirror.ended or fin
+        if up is None or not stream_id & 2:
+            return
+        mirror = self._mirrors.get((up, stream_id))
+        if mirror is None:
+            mirror = self._mirrors[(up, stream_id)] = _Mirror()
+        mirror.data += data
+        if fin:
+            mirror.end()
 
     # ---- connections
     def _track_id(self, track) -> int:
@@ -271,7 +320,7 @@ class KernelPath:
             self.stats.refused += 1
             return None
         try:
-            hop = self.resolver.resolve(peer[0])
+            hop = self._netlink.submit(self.resolver.resolve, peer[0]).result()
         except NextHopError as exc:
             log.warning("subscriber %s stays on the userspace path: %s", peer, exc)
             self.stats.refused += 1
@@ -282,7 +331,9 @@ class KernelPath:
                         dst=peer, dcid=dcid, max_stream=4 * max_uni + 3,
                         stream_window=internals.peer_max_stream_data_uni(quic),
                         max_payload=min(internals.max_datagram_size(quic), hop.mtu - 48),
-                        protect_priority=self.protect_priority, abandon_below=self.abandon_below)
+                        protect_priority=self.protect_priority,
+                        skip_below=_skip_below(internals.congestion_window(quic)),
+                        abandon_below=self.abandon_below)
         slot = self.fp.add_conn(spec, next_pn=ext.first_packet_number,
                                 next_stream=quic.get_next_available_stream_id(is_unidirectional=True),
                                 budget=ext.budget(), credit=credit)
@@ -302,6 +353,8 @@ class KernelPath:
 
     def _remove_down(self, link: QuicLink) -> None:
         down = self._downs.pop(link)
+        log.info("subscriber %s:%d left the kernel path: %d packets (%d bytes) sent by the kernel, %d by userspace",
+                 *down.spec.dst, down.kernel_packets, down.kernel_bytes, self.fp.state(down.slot).renumbered)
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
         link.stream_allocator = None
@@ -346,11 +399,21 @@ class KernelPath:
             sid, off, up_stream = int(fr["stream"]), int(fr["offset"]), int(fr["up_stream"])
             if sid == DATAGRAM_STREAM:
                 continue
-            if off == 0:
-                down.ext.open_stream(sid)
-                ds = down.tracks.get(int(ev["track"]))
+            track = int(ev["track"])
+            if sid not in down.registered:  # its first record (a retransmitted start comes again)
+                try:
+                    down.ext.open_stream(sid)
+                except ValueError:
+                    continue  # a late duplicate for a stream that is over and forgotten
+                down.registered[sid] = RangeSet()
+                ds = down.tracks.get(track)
                 if ds is not None:
                     ds.streams += 1
+            opened = down.open_streams.setdefault(track, {})
+            if fr["fin"]:
+                opened.pop(sid, None)
+            else:
+                opened[sid] = max(opened.get(sid, 0), off + int(fr["len"]))
             mirror = self._mirrors.setdefault((up, up_stream), _Mirror())
             mirror.users += 1
             frames.append((sid, off, int(fr["len"]), up_stream, int(fr["up_offset"]), bool(fr["fin"])))
@@ -381,24 +444,63 @@ class KernelPath:
     def _resolve_pending(self) -> None:
         """Register the kernel's packets whose stream bytes have reached userspace; continue
         handed-over streams."""
-        still: list[_Pending] = []
-        touched: set[_Down] = set()
-        for p in self._pending:
-            frames = self._frames_of(p)
-            if frames is None:
-                still.append(p)
-                continue
-            p.down.ext.register(p.pn, p.sent_time, p.size, frames)
-            for _, _, _, up_stream, _, _ in p.frames:
-                self._mirrors[(p.up, up_stream)].users -= 1
-            touched.add(p.down)
-        self._pending = still
+        ready = [(p, frames) for p in self._pending if (frames := self._frames_of(p)) is not None]
+        self._pending = [p for p in self._pending if not any(p is r for r, _ in ready)]
+        touched = {p.down for p, _ in ready}
+        for p, frames in ready:
+            self._register(p, frames)
         for down in list(self._downs.values()):
             if down.continuations and self._continue(down):
                 touched.add(down)
         self._gc_mirrors()
         for down in touched:
             self.transmit(down.link)
+
+    def _register(self, p: _Pending, frames: list[SentStreamFrame]) -> None:
+        """Register one kernel packet. Bytes it carried a second time (the publisher re-sent
+        them upstream and the kernel forwarded them again) are registered once."""
+        fresh = []
+        quic = p.down.link.quic
+        for f in frames:
+            if not internals.is_stream_open(quic, f.stream_id):
+                continue  # complete and discarded: these bytes were a late duplicate
+            done = p.down.registered.setdefault(f.stream_id, RangeSet())
+            end = f.offset + len(f.data)
+            new = RangeSet([range(f.offset, end)]) if f.data else RangeSet()
+            for r in done:
+                new.subtract(r.start, r.stop)
+            fin = f.fin and f.stream_id not in p.down.fins
+            for r in new:
+                fresh.append(SentStreamFrame(f.stream_id, r.start, f.data[r.start - f.offset:r.stop - f.offset],
+                                             fin and r.stop == end))
+            if fin and not (len(new) and new.bounds().stop == end):
+                fresh.append(SentStreamFrame(f.stream_id, end, b"", True))
+            if f.data:
+                done.add(f.offset, end)
+            if f.fin:
+                p.down.fins.add(f.stream_id)
+        try:
+            p.down.ext.register(p.pn, p.sent_time, p.size, fresh)
+        except ValueError as exc:
+            self.stats.register_errors += 1
+            log.warning("kernel packet %d to %s:%d registered without its stream bytes: %s", p.pn, *p.down.spec.dst,
+                        exc)
+            with contextlib.suppress(ValueError):
+                p.down.ext.register(p.pn, p.sent_time, p.size, [])
+        for _, _, _, up_stream, _, _ in p.frames:
+            mirror = self._mirrors.get((p.up, up_stream))
+            if mirror is not None:
+                mirror.users -= 1
+
+    def _register_for_reset(self, down: _Down, streams: set[int]) -> None:
+        """Register the kernel's packets on streams about to be reset even if their bytes never
+        reached userspace (the publisher went away): placeholders, never re-sent once reset."""
+        mine = [p for p in self._pending if p.down is down and any(f[0] in streams for f in p.frames)]
+        self._pending = [p for p in self._pending if not any(p is q for q in mine)]
+        for p in mine:
+            self._register(p, self._frames_of(p) or [SentStreamFrame(sid, off, bytes(length), fin)
+                                                     for sid, off, length, _, _, fin in p.frames])
+        self._gc_mirrors()
 
     def _frames_of(self, p: _Pending) -> list[SentStreamFrame] | None:
         out = []
@@ -439,21 +541,27 @@ class KernelPath:
                 continue
             if mirror is None:
                 continue
+            if mirror.reset:
+                c.next_up = -1  # reset downstream too, next round (after pending registrations)
+                continue
+            ended = mirror.ended is not None
             if len(mirror.data) > c.next_up:
-                down.link.send(c.down_stream, bytes(mirror.data[c.next_up:]), fin=mirror.ended)
+                down.link.send(c.down_stream, bytes(mirror.data[c.next_up:]), fin=ended)
                 c.next_up = len(mirror.data)
                 wrote = True
-            elif mirror.ended and not c.fin:
+            elif ended and not c.fin:
                 down.link.send(c.down_stream, b"", fin=True)
                 wrote = True
-            if mirror.ended:
+            if ended:
                 c.fin = True
                 del down.continuations[key]
                 mirror.users -= 1
         return wrote
 
     def _gc_mirrors(self) -> None:
-        for key in [k for k, m in self._mirrors.items() if m.ended and m.users <= 0]:
+        """Forget streams that ended a while ago and that nothing waits for."""
+        old = time.monotonic() - MIRROR_GRACE_S
+        for key in [k for k, m in self._mirrors.items() if m.ended is not None and m.ended < old and m.users <= 0]:
             del self._mirrors[key]
 
     # ---- budgets
@@ -466,6 +574,9 @@ class KernelPath:
     def _publish_all(self) -> None:
         for down in list(self._downs.values()):
             self._publish(down)
+            for sid in [sid for sid in down.fins if not internals.is_stream_open(down.link.quic, sid)]:
+                down.fins.discard(sid)  # delivered and discarded by aioquic: forget it
+                down.registered.pop(sid, None)
 
     def _publish(self, down: _Down) -> None:
         """Tell the kernel how much this connection's congestion window and the peer's flow
@@ -483,8 +594,9 @@ class KernelPath:
             if credit != st.credit:
                 self.fp.take(down.slot, Take.CREDIT, credit - st.credit)
             down.published = (budget, credit)
-        if 4 * max_uni + 3 != down.spec.max_stream:
-            down.spec = replace(down.spec, max_stream=4 * max_uni + 3)
+        skip = _skip_below(internals.congestion_window(down.link.quic))
+        if 4 * max_uni + 3 != down.spec.max_stream or abs(skip - down.spec.skip_below) > -skip // 4:
+            down.spec = replace(down.spec, max_stream=4 * max_uni + 3, skip_below=skip)
             self.fp.update_conn(down.slot, down.spec)
 
     def counters(self) -> dict[str, int]:
@@ -492,8 +604,10 @@ class KernelPath:
         return {**{f"kernel_{k}": v for k, v in self.fp.counters().items()},
                 **{f"path_{k}": v for k, v in vars(self.stats).items()}}
 
-    def per_subscriber(self) -> dict[str, tuple[int, int]]:
-        """{subscriber address: (kernel packets, kernel bytes)}."""
-        return {str(d.spec.dst): (d.kernel_packets, d.kernel_bytes) for d in self._downs.values()}
+    def per_subscriber(self) -> dict[str, tuple[int, int, int]]:
+        """{subscriber address: (packets and bytes the kernel sent, packets userspace sent)}."""
+        return {f"{d.spec.dst[0]}:{d.spec.dst[1]}": (d.kernel_packets, d.kernel_bytes,
+                                                     self.fp.state(d.slot).renumbered)
+                for d in self._downs.values()}
 
 

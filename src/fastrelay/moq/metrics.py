@@ -4,18 +4,23 @@ per object)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .relay import Relay
 
+if TYPE_CHECKING:
+    from .kernel_path import KernelPath
+
 
 class RelayCollector(Collector):
     """Exposes sessions, tracks, subscribers, objects/bytes in and out, cache hits and drops."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, kernel: KernelPath | None = None) -> None:
         self.relay = relay
+        self.kernel = kernel
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         r, st = self.relay, self.relay.stats
@@ -35,3 +40,21 @@ class RelayCollector(Collector):
                                   value=st.dropped_objects)
         yield GaugeMetricFamily("fastrelay_moq_cache_bytes", "bytes held in track caches",
                                 value=sum(t.cache.bytes for t in tracks))
+        yield CounterMetricFamily("fastrelay_moq_fast_objects", "objects the kernel data path delivered",
+                                  value=st.fast_objects)
+        if self.kernel is None:
+            return
+        counters = self.kernel.fp.counters()
+        kernel = CounterMetricFamily("fastrelay_moq_kernel_packets", "packets by kernel counter", labels=["counter"])
+        for name, value in counters.items():
+            kernel.add_metric([name], value)
+        yield kernel
+        per_sub = self.kernel.per_subscriber()
+        for metric, help_text, index in (
+                ("fastrelay_moq_subscriber_kernel_packets", "packets the kernel sent to a subscriber", 0),
+                ("fastrelay_moq_subscriber_kernel_bytes", "UDP payload bytes the kernel sent to a subscriber", 1),
+                ("fastrelay_moq_subscriber_user_packets", "packets userspace sent to a kernel-path subscriber", 2)):
+            family = CounterMetricFamily(metric, help_text, labels=["subscriber"])
+            for addr, values in per_sub.items():
+                family.add_metric([addr], values[index])
+            yield family

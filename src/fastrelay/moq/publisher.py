@@ -42,11 +42,12 @@ class PublishResult:
 
 
 async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: FrameSource, *,
-                  version: Version = Version.DRAFT_16, wait_subscriber: float | None = None) -> PublishResult:
+                  version: Version = Version.DRAFT_16, wait_subscriber: float | None = None,
+                  plaintext: bool = False) -> PublishResult:
     """Publish `source` as (namespace, track) through the relay at `url` until the source ends or
     the relay sends GOAWAY; either way PUBLISH_DONE goes out and the session closes normally."""
     result = PublishResult()
-    async with MoqtClient(url, version) as client:
+    async with MoqtClient(url, version, plaintext=plaintext) as client:
         reply = await client.request(lambda rid: m.PublishNamespace(rid, namespace))
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"PUBLISH_NAMESPACE refused: {reply.error_reason or reply.error_code}")

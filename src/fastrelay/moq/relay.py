@@ -34,6 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 from . import messages as m
 from .cache import CachedObject, TrackCache
@@ -58,6 +59,21 @@ log = logging.getLogger("fastrelay.relay")
 
 Namespace = tuple[bytes, ...]
 DEFAULT_PUBLISHER_PRIORITY = 128  # draft-16 section 11: a track's priority when the publisher names none
+
+
+class FastPath(Protocol):
+    """A data path that delivers some subgroups itself (moq/kernel_path.py). The relay core
+    tells it about tracks and subscriptions and asks, per subscriber and upstream stream,
+    whether it sends the stream ("forward"), dropped it whole under congestion ("dropped"),
+    or leaves it to the relay (None)."""
+
+    def upstream_track(self, peer: Peer, alias: int, track: Track, default_priority: int) -> None: ...
+    def downstream_ready(self, ds: Downstream) -> None: ...
+    def downstream_gone(self, ds: Downstream) -> None: ...
+    def peer_gone(self, peer: Peer) -> None: ...
+    def stream_ended(self, peer: Peer, stream_id: int, reset: bool) -> None: ...
+    def owns(self, ds: Downstream, peer: Peer, stream_id: int) -> Literal["forward", "dropped"] | None: ...
+    def owns_datagrams(self, ds: Downstream) -> bool: ...
 # track extensions a draft-14 SUBSCRIBE_OK can carry (as its Group Order field and parameters)
 _D14_TRACK_EXTENSIONS = frozenset({m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, m.TrackExtension.DELIVERY_TIMEOUT,
                                    m.TrackExtension.MAX_CACHE_DURATION})
@@ -104,6 +120,7 @@ class Downstream:
     queued: dict[tuple[int, int], tuple] = field(default_factory=dict)  # key -> priority of its last queued item
     group: int = -1  # newest group started for this subscriber
     objects: int = 0
+    fast_objects: int = 0  # of its objects, those the fast path delivered
     dropped: int = 0
     streams: int = 0  # subgroup streams opened for it (PUBLISH_DONE's stream count)
 
@@ -152,12 +169,15 @@ class RelayStats:
     cache_hits: int = 0
     sessions: int = 0
     dropped_objects: int = 0  # not sent to a subscriber that fell behind
+    fast_objects: int = 0  # objects a fast path (the kernel) delivered instead of the relay
 
 
 class Relay:
     """The relay core; call `attach(session, name)` per session and feed it the session's events."""
 
-    def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20, max_backlog: int = 1 << 20) -> None:
+    def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20, max_backlog: int = 1 << 20,
+                 fastpath: FastPath | None = None) -> None:
+        self.fastpath = fastpath
         self.cache_groups = cache_groups
         self.cache_bytes = cache_bytes
         # a subscriber with more than this unacknowledged skips to the next group; four times
@@ -338,6 +358,8 @@ class Relay:
         peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True, group_order=track.group_order)))
         track.upstream_request_id, track.upstream_alias, track.live = msg.request_id, msg.track_alias, True
         peer.upstream[msg.track_alias] = track
+        if self.fastpath:
+            self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
 
     def _upstream_established(self, track: Track, extensions: tuple[tuple[int, int | bytes], ...],
@@ -388,6 +410,8 @@ class Relay:
         self._upstream_established(track, msg.track_extensions, msg.params.largest_object)
         track.upstream_alias, track.live = msg.track_alias, True
         peer.upstream[msg.track_alias] = track
+        if self.fastpath:
+            self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
 
     def _on_RequestError(self, peer: Peer, msg: m.RequestError) -> None:
@@ -422,6 +446,7 @@ class Relay:
         if p.subscription_filter is not None and p.subscription_filter.end_group is not None:
             ds.end_group = p.subscription_filter.end_group
         ds.params = replace(ds.params, **{k: getattr(p, k) for k in p.present()})
+        self._fast_subscription(ds)
         if sub.session.version == Version.DRAFT_14:
             return  # draft-14's SUBSCRIBE_UPDATE has no reply
         sub.session.send(m.RequestOk(msg.request_id, MessageParams(largest_object=ds.track.cache.largest()),
@@ -515,6 +540,17 @@ class Relay:
         ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=largest),
                                            tuple(sorted(ext, key=lambda kv: kv[0]))))
         ds.established = True
+        self._fast_subscription(ds)
+
+    def _fast_subscription(self, ds: Downstream) -> None:
+        """Open-ended, forwarding subscriptions may be served by the fast path from the next
+        subgroup on; paused or bounded ones are the relay's alone."""
+        if self.fastpath is None or not ds.established:
+            return
+        if ds.forward and ds.end_group is None and ds.active:
+            self.fastpath.downstream_ready(ds)
+        else:
+            self.fastpath.downstream_gone(ds)
 
     def _on_Fetch(self, peer: Peer, msg: m.Fetch) -> None:
         """Answer a FETCH from the cache: FETCH_OK, then one fetch stream in the requested group
@@ -577,6 +613,8 @@ class Relay:
 
     def _drop_downstream(self, ds: Downstream) -> None:
         ds.active = False
+        if self.fastpath:
+            self.fastpath.downstream_gone(ds)
         self._purge(ds.peer, lambda it: it[2] is ds)
         for w in ds.writers.values():
             w.reset()
@@ -599,6 +637,8 @@ class Relay:
         for ds in list(track.subscribers):
             for w in ds.writers.values():
                 w.finish()
+            if self.fastpath:
+                self.fastpath.downstream_gone(ds)
             if not ds.peer.session.closed and ds.established:
                 ds.peer.session.send(m.PublishDone(ds.request_id, code, ds.streams, reason[:1024]))
             ds.peer.downstream.pop(ds.request_id, None)
@@ -618,6 +658,8 @@ class Relay:
             self._drop_downstream(ds)
         peer.downstream.clear()
         peer.fetches.clear()
+        if self.fastpath:
+            self.fastpath.peer_gone(peer)
         log.info("session %s gone", peer.name)
 
     # ---- data
@@ -638,6 +680,16 @@ class Relay:
         for ds in track.subscribers:
             if not ds.established:
                 continue
+            if self.fastpath and ds.forward:
+                fast = (("forward" if self.fastpath.owns_datagrams(ds) else None) if ev.stream_id is None
+                        else self.fastpath.owns(ds, peer, ev.stream_id))
+                if fast == "dropped":
+                    self._drop(ds)
+                    continue
+                if fast == "forward":
+                    ds.fast_objects += 1
+                    self.stats.fast_objects += 1
+                    continue
             if not self._admit(ds, obj):
                 continue
             if ev.stream_id is None:
@@ -764,6 +816,8 @@ class Relay:
         self.stats.bytes_out += len(obj.payload)
 
     def _stream_ended(self, peer: Peer, ev: StreamEnded) -> None:
+        if self.fastpath:
+            self.fastpath.stream_ended(peer, ev.stream_id, ev.reset_code is not None)
         header = ev.header
         if not isinstance(header, SubgroupHeader):
             return

@@ -45,6 +45,7 @@ class SubscribeResult:
     lost: int = 0  # objects known to be missing (LossLedger)
     duplicates: int = 0
     bad: int = 0  # payloads that failed verification
+    first_group: int | None = None
     last_group: int | None = None
     latencies_ms: list[float] = field(default_factory=list)
     ended: str = ""
@@ -56,7 +57,8 @@ class SubscribeResult:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
-                "lost": self.lost, "duplicates": self.duplicates, "bad": self.bad, "last_group": self.last_group,
+                "lost": self.lost, "duplicates": self.duplicates, "bad": self.bad,
+                "first_group": self.first_group, "last_group": self.last_group,
                 "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
                 "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
 
@@ -217,7 +219,8 @@ class _Reorder:
 async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, version: Version = Version.DRAFT_16,
                     out: str | None = None, duration: float | None = None, codec: str = "h264",
                     verify: Callable[[int, int, bytes], bool] | None = None,
-                    progress: Callable[[dict[str, object]], None] | None = None) -> SubscribeResult:
+                    progress: Callable[[dict[str, object]], None] | None = None,
+                    plaintext: bool = False) -> SubscribeResult:
     """Subscribe and receive until PUBLISH_DONE, GOAWAY, the session ends, or `duration` seconds pass."""
     result = SubscribeResult()
     writer = AnnexBWriter(out) if out else None
@@ -230,7 +233,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
 
     reorder = _Reorder(write)
     ledger = LossLedger()
-    async with MoqtClient(url, version) as client:
+    async with MoqtClient(url, version, plaintext=plaintext) as client:
         reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, MessageParams(forward=True)))
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
@@ -279,6 +282,8 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 result.objects += 1
                 result.bytes += len(obj.payload)
                 result.last_group = max(obj.group_id, result.last_group or 0)
+                result.first_group = min(obj.group_id, obj.group_id if result.first_group is None
+                                         else result.first_group)
                 if verify is not None and not verify(obj.group_id, obj.object_id,
                                                      loc.unpackage(obj.extensions, obj.payload, codec="raw").data):
                     result.bad += 1

@@ -249,7 +249,8 @@ struct fr_moq_conn {
 	__u8 dcid[FR_MOQ_CID_LEN];   /* the peer's connection id (destination of our packets) */
 	__u64 max_stream;            /* first server-unidirectional stream id the peer does not allow */
 	__u64 stream_window;         /* peer's initial MAX_STREAM_DATA for our unidirectional streams */
-	__s64 abandon_below;         /* budget under which a started subgroup is abandoned (reset) */
+	__s64 skip_below;            /* budget under which new subgroups above protect_priority are skipped */
+	__s64 abandon_below;         /* budget under which a started subgroup is abandoned (reset); 0: never */
 };
 
 /* fr_moq_state[slot]: counters shared by kernel and userspace, changed only atomically
@@ -359,6 +360,7 @@ enum fr_moq_counter {
 	FR_MQ_ABANDONED,             /* started subgroups abandoned (reset by userspace) */
 	FR_MQ_NOT_JOINED,            /* clone frames of streams that began before the subscriber joined */
 	FR_MQ_DROP_EMPTY,            /* clones with nothing for the subscriber */
+	FR_MQ_CLONE_DROPPED,         /* clones the egress dropped (nothing for that subscriber) or that failed */
 	FR_MQ_ERR,                   /* helper failures */
 	FR_MQ_RINGBUF_FULL,          /* packet not sent: its record could not be reserved */
 	FR_MQ_MAX,
