@@ -235,7 +235,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     if args.source == "synthetic":
         source = SyntheticSource(object_size=args.object_size, fps=args.fps, gop=args.gop, duration=args.duration,
-                                 realtime=True)
+                                 realtime=True, tag=args.tag)
     elif args.source in ("testsrc", "testsrc2"):
         source = H264Source(pattern=args.source, fps=args.fps, gop=args.gop, duration=args.duration, realtime=True)
     else:
@@ -264,9 +264,9 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import moq, udp_fanout
+    from .bench import moq, moq_datapath, udp_fanout
 
-    return (moq if args.what == "moq" else udp_fanout).main(args)
+    return {"moq": moq, "moq-datapath": moq_datapath, "udp-fanout": udp_fanout}[args.what].main(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -354,6 +354,8 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--gop", type=int, default=30, help="frames per group (keyframe interval)")
             c.add_argument("--object-size", type=int, default=1200, help="synthetic source: bytes per object")
             c.add_argument("--wait", type=float, default=None, help="wait this long for a subscriber first")
+            c.add_argument("--tag", action="store_true",
+                           help="synthetic source: each object starts with the lab probes' tag (delay benchmarks)")
         else:
             c.add_argument("--out", help="write the received H.264 (Annex-B) here")
             c.add_argument("--raw", action="store_true", help="payloads are not H.264 (synthetic source)")
@@ -377,6 +379,10 @@ def parser() -> argparse.ArgumentParser:
     bm.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16)")
     bm.add_argument("--rate", type=float, default=500.0, help="objects per second published")
     bm.add_argument("--size", type=int, default=1200, help="object size in bytes")
+    bd = what.add_parser("moq-datapath", parents=[common],
+                         help="MoQT relay, kernel vs userspace data path (lab, BPF delay probes)")
+    bd.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,8,32,128)")
+    bd.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     be.set_defaults(fn=_bench)
     return p
 

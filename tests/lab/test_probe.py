@@ -58,3 +58,31 @@ def test_probe_counts_and_times_every_tagged_packet():
                 got = sink.collect(expected=1, timeout=0.5)[0]
             assert got.received == 0 and probe.read()[0].packets == 500  # sink: counted, then dropped
             sock.close()
+
+
+@pytest.mark.usefixtures("root")
+def test_scanning_probe_finds_tags_wherever_they_sit():
+    """Tags inside QUIC frames move around: a scanning probe finds the first one in the payload."""
+    from fastrelay.lab.traffic import payload
+
+    with Lab("tp", 1) as lab:
+        rx = [(lab.relay_ns, lab.publisher.relay_ifname, lab.publisher.relay_mac)]
+        with DelayProbe((lab.publisher.netns, lab.publisher.ifname), rx, scan=1400) as probe:
+            with entered(lab.relay_ns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((lab.publisher.relay_ipv4, 5000))
+            with entered(lab.publisher.netns):
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sent = 0
+            for seq, where in enumerate([0, 1, 37, 500, 1199, 1384]):
+                tx.sendto(b"\x01" * where + payload(0, seq, 64), (lab.publisher.relay_ipv4, 5000))
+                sent += 1
+            tx.sendto(b"\x01" * 1390 + payload(0, 99, 64), (lab.publisher.relay_ipv4, 5000))  # beyond the scan
+            tx.sendto(b"\x02" * 300, (lab.publisher.relay_ipv4, 5000))  # no tag at all
+            sock.settimeout(2)
+            for _ in range(sent + 2):
+                sock.recv(4096)
+            d = probe.read()[0]
+            assert d.packets == sent and d.matched == sent
+            tx.close()
+            sock.close()

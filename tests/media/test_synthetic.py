@@ -73,3 +73,15 @@ def test_async_realtime_and_close() -> None:
     frames, elapsed = asyncio.run(run())
     assert len(frames) == 11 and 0.09 < elapsed < 0.5
     assert [f.group_id for f in frames] == [i // 5 for i in range(11)]
+
+
+def test_tagged_objects_carry_the_probe_tag_and_still_verify():
+    from fastrelay.lab.traffic import MAGIC, TAG
+
+    src = SyntheticSource(object_size=100, gop=5, count=7, tag=True)
+    frames = list(src)
+    assert [TAG.unpack_from(f.data) for f in frames] == [(MAGIC, 0, i) for i in range(7)]
+    assert all(src.verify(f.group_id, f.object_id, f.data) for f in frames)
+    assert not src.verify(frames[1].group_id, frames[1].object_id, frames[1].data[:-1] + b"x")
+    with pytest.raises(ValueError):
+        SyntheticSource(object_size=10, tag=True)

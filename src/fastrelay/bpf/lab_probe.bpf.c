@@ -70,17 +70,67 @@ static __always_inline __u32 bucket_of(__u64 d)
 	return idx < FR_HIST_BUCKETS ? idx : FR_HIST_BUCKETS - 1;
 }
 
+/* Scratch for scanning probes: the payload, searched for the tag's magic. */
+struct scan_buf {
+	__u8 b[2048 + 16];           /* indices are masked with 2047 */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scan_buf);
+} fr_probe_scratch SEC(".maps");
+
+struct scan_ctx {
+	struct scan_buf *buf;
+	__u32 len;
+	__s32 found;
+};
+
+static long scan_one(__u32 i, void *data)
+{
+	struct scan_ctx *c = data;
+	if (i + sizeof(struct fr_tag) > c->len)
+		return 1;
+	if (*(__u32 *)&c->buf->b[i & 2047] == FR_TAG_MAGIC) {
+		c->found = i;
+		return 1;
+	}
+	return 0;
+}
+
 /* Read the tag of a tagged UDP packet; 0 on success. */
 static __always_inline int read_tag(struct __sk_buff *skb, struct fr_udp_pkt *p, struct fr_tag *tag)
 {
 	__u32 zero = 0;
 	struct fr_probe_config *cfg = bpf_map_lookup_elem(&fr_probe_cfg, &zero);
-	__u32 off;
+	struct scan_ctx sc = { .found = -1 };
+	__u32 off, len;
 
 	if (!cfg || fr_parse_udp(skb, p) != FR_PARSE_OK || p->fragment)
 		return -1;
 	off = p->l4_off + sizeof(struct udphdr) + cfg->tag_offset;
-	if (off > 0xffff || bpf_skb_load_bytes(skb, off, tag, sizeof(*tag)))
+	if (off > 0xffff)
+		return -1;
+	if (cfg->scan) {
+		len = p->udp_len - sizeof(struct udphdr);
+		len = len > cfg->tag_offset ? len - cfg->tag_offset : 0;
+		len = len < cfg->scan ? len : cfg->scan;
+		if (len > FR_PROBE_SCAN_MAX)
+			len = FR_PROBE_SCAN_MAX;
+		if (len < sizeof(*tag))
+			return -1;
+		sc.buf = bpf_map_lookup_elem(&fr_probe_scratch, &zero);
+		if (!sc.buf || bpf_skb_load_bytes(skb, off, sc.buf->b, len))
+			return -1;
+		sc.len = len;
+		bpf_loop(FR_PROBE_SCAN_MAX, scan_one, &sc, 0);
+		if (sc.found < 0)
+			return -1;
+		off += sc.found;
+	}
+	if (bpf_skb_load_bytes(skb, off, tag, sizeof(*tag)))
 		return -1;
 	return tag->magic == FR_TAG_MAGIC ? 0 : -1;
 }
@@ -88,6 +138,7 @@ static __always_inline int read_tag(struct __sk_buff *skb, struct fr_udp_pkt *p,
 SEC("tc")
 int fr_probe_tx(struct __sk_buff *skb)
 {
+	__u64 now = bpf_ktime_get_ns();     /* before the (scanning) parse */
 	struct fr_udp_pkt p = {};
 	struct fr_tag tag;
 	struct fr_probe_ts *slot;
@@ -98,7 +149,7 @@ int fr_probe_tx(struct __sk_buff *skb)
 	idx = tag.seq & (FR_PROBE_TS_SLOTS - 1);
 	slot = bpf_map_lookup_elem(&fr_probe_ts, &idx);
 	if (slot) {
-		slot->ts_ns = bpf_ktime_get_ns();
+		slot->ts_ns = now;
 		slot->seq = tag.seq;
 	}
 	return TC_ACT_UNSPEC;

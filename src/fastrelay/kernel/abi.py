@@ -58,7 +58,10 @@ class FanoutEvent(ctypes.Structure):
 
 
 class ProbeConfig(ctypes.Structure):
-    _fields_ = [("tag_offset", u16), ("sink", u8), ("pad", u8), ("pad2", u32)]
+    _fields_ = [("tag_offset", u16), ("sink", u8), ("pad", u8), ("scan", u16), ("pad2", u16)]
+
+
+FR_PROBE_SCAN_MAX = 1536
 
 
 class ProbeTs(ctypes.Structure):

@@ -63,6 +63,7 @@ LAYOUTS: dict[str, Layouts] = {
         "fr_probe_ts": MapLayout(_u32, abi.ProbeTs),
         "fr_probe_slots": MapLayout(abi.ProbeMac, _u32),
         "fr_probe_hist": MapLayout(_u32, abi.ProbeHist),
+        "fr_probe_scratch": PrivateMap(),
     },
     "lab_dropper": {
         "fr_drop_cfg": MapLayout(_u32, abi.DropConfig),

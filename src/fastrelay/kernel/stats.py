@@ -58,25 +58,32 @@ def enable_run_stats() -> int:
     return check(lib.bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
-def _walk(next_id: str, get_fd: str, struct: str) -> list[str]:
-    names, cur = [], ctypes.c_uint32(0)
+def _walk(next_id: str, get_fd: str, struct: str, *members: str) -> list[dict[str, int | str]]:
+    infos, cur = [], ctypes.c_uint32(0)
     while getattr(lib, next_id)(cur.value, ctypes.byref(cur)) == 0:
         fd = getattr(lib, get_fd)(cur.value)
         if fd < 0:
             continue  # freed meanwhile
         try:
-            names.append(str(_info(fd, struct, "name")["name"]))
+            infos.append(_info(fd, struct, "name", *members))
         finally:
             os.close(fd)
-    return names
+    return infos
+
+
+def programs_run_ns(names: set[str]) -> int:
+    """Run time (while run stats are enabled) summed over every loaded program with one of
+    `names`, whoever loaded it: how a benchmark sees another process's BPF work."""
+    return sum(int(i["run_time_ns"]) for i in _walk("bpf_prog_get_next_id", "bpf_prog_get_fd_by_id",
+                                                     "bpf_prog_info", "run_time_ns") if i["name"] in names)
 
 
 def leftovers() -> dict[str, list[str]]:
     """fastrelay programs and maps still loaded anywhere, and pinned objects under /sys/fs/bpf/fastrelay."""
     return {
-        "programs": [n for n in _walk("bpf_prog_get_next_id", "bpf_prog_get_fd_by_id", "bpf_prog_info")
-                     if n.startswith(OUR_PREFIX)],
-        "maps": [n for n in _walk("bpf_map_get_next_id", "bpf_map_get_fd_by_id", "bpf_map_info")
-                 if n.startswith(OUR_PREFIX)],
+        "programs": [str(i["name"]) for i in _walk("bpf_prog_get_next_id", "bpf_prog_get_fd_by_id", "bpf_prog_info")
+                     if str(i["name"]).startswith(OUR_PREFIX)],
+        "maps": [str(i["name"]) for i in _walk("bpf_map_get_next_id", "bpf_map_get_fd_by_id", "bpf_map_info")
+                 if str(i["name"]).startswith(OUR_PREFIX)],
         "pinned": sorted(glob.glob(f"{PIN_ROOT}/**", recursive=True))[1:],
     }

@@ -77,7 +77,11 @@ class DelayProbe:
     """Attach the probe pair. `tx` = (netns, ifname) of the sender; `rx` = [(netns, ifname, mac)]."""
 
     def __init__(self, tx: tuple[str, str], rx: list[tuple[str, str, str]], *, sink: bool = False,
-                 tag_offset: int = 0) -> None:
+                 tag_offset: int = 0, scan: int = 0) -> None:
+        """`scan` > 0: the tag is the first found in that many payload bytes from `tag_offset`
+        (tags inside QUIC frames sit at varying offsets); 0: exactly at `tag_offset`."""
+        if not 0 <= scan <= abi.FR_PROBE_SCAN_MAX:
+            raise ValueError(f"scan must be within 0..{abi.FR_PROBE_SCAN_MAX}")
         if len(rx) > abi.FR_PROBE_SLOTS:
             raise ValueError(f"at most {abi.FR_PROBE_SLOTS} probe receivers")
         self.obj = BpfObject.load("lab_probe")
@@ -86,7 +90,7 @@ class DelayProbe:
         self._slots = self.obj.map("fr_probe_slots", abi.ProbeMac, ctypes.c_uint32)
         self._hist = self.obj.map("fr_probe_hist", ctypes.c_uint32, abi.ProbeHist)
         self.obj.map("fr_probe_ts", ctypes.c_uint32, abi.ProbeTs)
-        self._cfg.update(0, abi.ProbeConfig(tag_offset=tag_offset, sink=int(sink)))
+        self._cfg.update(0, abi.ProbeConfig(tag_offset=tag_offset, sink=int(sink), scan=scan))
         self.n = len(rx)
         try:
             tx_prog, rx_prog = self.obj.program("fr_probe_tx"), self.obj.program("fr_probe_rx")

@@ -734,6 +734,16 @@ def verify_synthetic_payload(group_id: int, object_id: int, payload: bytes, seed
     return payload == synthetic_payload(group_id, object_id, len(payload), seed)
 
 
+TAG_SIZE = 16
+
+
+def tag_bytes(seq: int, stream: int = 0) -> bytes:
+    """struct fr_tag (bpf/include/fastrelay.h) for the lab's delay probes."""
+    from ..lab.traffic import MAGIC, TAG
+
+    return TAG.pack(MAGIC, stream, seq)
+
+
 class SyntheticSource(FrameSource):
     """Opaque objects of fixed sizes at a fixed rate, for benchmarks.
 
@@ -757,9 +767,12 @@ class SyntheticSource(FrameSource):
         duration: float | None = None,
         realtime: bool = False,
         seed: int = 0,
+        tag: bool = False,
     ) -> None:
         if object_size < 0 or (keyframe_size is not None and keyframe_size < 0):
             raise ValueError("sizes must be >= 0")
+        if tag and min(object_size, object_size if keyframe_size is None else keyframe_size) < TAG_SIZE:
+            raise ValueError(f"tagged objects need at least {TAG_SIZE} bytes")
         if fps <= 0 or gop < 1:
             raise ValueError("fps must be > 0 and gop >= 1")
         if count is not None and duration is not None:
@@ -771,6 +784,7 @@ class SyntheticSource(FrameSource):
         self.count = count if duration is None else round(duration * fps)
         self.realtime = realtime
         self.seed = seed
+        self.tag = tag
         self._closed = False
 
     @property
@@ -781,6 +795,9 @@ class SyntheticSource(FrameSource):
 
     def verify(self, group_id: int, object_id: int, payload: bytes) -> bool:
         size = self.keyframe_size if object_id == 0 else self.object_size
+        if self.tag:
+            expected = synthetic_payload(group_id, object_id, size, self.seed)
+            return len(payload) == size and payload[TAG_SIZE:] == expected[TAG_SIZE:]
         return len(payload) == size and verify_synthetic_payload(group_id, object_id, payload, self.seed)
 
     def _make(self, index: int) -> list[Event]:
@@ -788,6 +805,8 @@ class SyntheticSource(FrameSource):
         key = obj == 0
         pts = int(time.time() * 1_000_000) if self.realtime else round(index * 1_000_000 / self.fps)
         data = synthetic_payload(group, obj, self.keyframe_size if key else self.object_size, self.seed)
+        if self.tag:  # the lab probes' tag (fastrelay.h struct fr_tag) leads the payload: seq = object index
+            data = tag_bytes(index) + data[TAG_SIZE:]
         frame = Frame(index, pts, key, data, group, obj, self.realtime, "raw")
         return [Gop(group, index, pts), frame] if key else [frame]
 

@@ -25,6 +25,8 @@ it does with that:
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -93,6 +95,9 @@ class _Pending:
     frames: list[tuple[int, int, int, int, int, bool]]  # (down stream, down offset, len, up stream, up offset, fin)
     up: int
     track: int
+    missing: tuple[int, int] | None = None  # the upstream stream whose bytes it waits for
+    need: int = 0  # how many of that stream's bytes it needs
+    counted: bool = False  # in its connection's pending totals
 
 
 @dataclass
@@ -119,6 +124,9 @@ class _Down:
     registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
     fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
     published: tuple[int, int] = (-1, -1)
+    pending: int = 0  # kernel packets waiting for their upstream bytes before registration
+    pending_bytes: int = 0
+    pending_stream_bytes: int = 0
     kernel_packets: int = 0
     kernel_bytes: int = 0
 
@@ -139,7 +147,8 @@ class KernelStats:
 class KernelPath:
     """Runs the kernel data path of one relay listening on UDP `port` on `interfaces` (ifindexes)."""
 
-    TICK_S = 0.005
+    TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
+    PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
 
     def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
                  abandon_below: int = -(4 << 20)) -> None:
@@ -160,14 +169,17 @@ class KernelPath:
         self._track_up: dict[int, int] = {}  # kernel track id -> up
         self._next_track = 0
         self._mirrors: dict[tuple[int, int], _Mirror] = {}
-        self._pending: list[_Pending] = []
+        # (up, up stream) -> heap of (bytes needed, seq, record) waiting for that stream's bytes
+        self._waiting: dict[tuple[int, int], list[tuple[int, int, _Pending]]] = {}
+        self._seq = itertools.count()
+        self._touched: set[_Down] = set()  # connections with registrations not transmitted yet
         self._timer = None
         self.transmit: Callable[[QuicLink], None] = lambda link: link.transmit()
 
     # ---- wiring
     def attach_link(self, link: QuicLink) -> None:
         """Every relay connection drains the kernel's records before its input is processed."""
-        link.before_input = self.drain
+        link.before_input = self._before_input
         link.after_input = self._after_input
 
     def start(self, loop) -> None:
@@ -302,6 +314,11 @@ class KernelPath:
         mirror.data += data
         if fin:
             mirror.end()
+        heap = self._waiting.get((up, stream_id))
+        while heap and heap[0][0] <= len(mirror.data):
+            self._try_register(heapq.heappop(heap)[2])
+        if heap is not None and not heap:
+            self._waiting.pop((up, stream_id), None)
 
     # ---- connections
     def _track_id(self, track) -> int:
@@ -358,7 +375,10 @@ class KernelPath:
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
         link.stream_allocator = None
-        self._pending = [p for p in self._pending if p.down is not down]
+        for key, waiters in list(self._waiting.items()):
+            self._waiting[key] = [w for w in waiters if w[2].down is not down]
+            heapq.heapify(self._waiting[key])
+        self._touched.discard(down)
         self.stats.connections -= 1
 
     # ---- records
@@ -366,40 +386,46 @@ class KernelPath:
         """Apply every record the kernel wrote (called before any datagram is processed)."""
         while True:
             events = self.fp.drain()
-            for ev in events:
-                kind = int(ev["kind"])
-                down = self._slots.get(int(ev["slot"]))
+            names = events.dtype.names[2:]  # after the ring-buffer header
+            for row in events.tolist():  # plain Python values: far cheaper to read than numpy scalars
+                ev = dict(zip(names, row[2:], strict=True))
+                kind = ev["kind"]
+                down = self._slots.get(ev["slot"])
                 if down is None or down.spec is None:
                     self.stats.unmatched += 1
                     continue
                 if kind == EventKind.SENT:
                     self._sent(down, ev)
                 elif kind == EventKind.RENUMBERED:
-                    local = down.ext.awaiting(int(ev["local_pn"]))
+                    local = down.ext.awaiting(ev["local_pn"])
                     if local is None:
                         self.stats.unmatched += 1
                         continue
-                    down.ext.renumber(local, int(ev["pn"]))
+                    down.ext.renumber(local, ev["pn"])
                     self.stats.renumbered += 1
                 elif kind == EventKind.HANDOVER:
                     self._handover(down, ev)
             if len(events) < MoqFastPath.RING_BUDGET:
                 break
-        for down in self._downs.values():
-            down.ext.allocated_below(self.fp.state(down.slot).next_pn)
-        self._resolve_pending()
+        self._flush()
 
-    def _sent(self, down: _Down, ev) -> None:
-        n = int(ev["nframes"])
+    def _before_input(self, link: QuicLink) -> None:
+        """Before a datagram reaches aioquic: every record applied, and an ACK in it for a
+        number the kernel handed out but whose record is not read yet will be held."""
+        self.drain()
+        down = self._downs.get(link)
+        if down is not None:
+            down.ext.allocated_below(self.fp.state(down.slot).next_pn)
+
+    def _sent(self, down: _Down, ev: dict) -> None:
+        n = ev["nframes"]
         if n == 0:
             return  # a number the kernel spent without sending: nothing to register
-        up = int(ev["up"])
+        up, track = ev["up"], ev["track"]
         frames = []
-        for fr in ev["frames"][:n]:
-            sid, off, up_stream = int(fr["stream"]), int(fr["offset"]), int(fr["up_stream"])
+        for sid, off, up_stream, up_off, length, fin, _ in ev["frames"][:n].tolist():
             if sid == DATAGRAM_STREAM:
                 continue
-            track = int(ev["track"])
             if sid not in down.registered:  # its first record (a retransmitted start comes again)
                 try:
                     down.ext.open_stream(sid)
@@ -410,49 +436,69 @@ class KernelPath:
                 if ds is not None:
                     ds.streams += 1
             opened = down.open_streams.setdefault(track, {})
-            if fr["fin"]:
+            if fin:
                 opened.pop(sid, None)
             else:
-                opened[sid] = max(opened.get(sid, 0), off + int(fr["len"]))
+                opened[sid] = max(opened.get(sid, 0), off + length)
             mirror = self._mirrors.setdefault((up, up_stream), _Mirror())
             mirror.users += 1
-            frames.append((sid, off, int(fr["len"]), up_stream, int(fr["up_offset"]), bool(fr["fin"])))
+            frames.append((sid, off, length, up_stream, up_off, bool(fin)))
         down.kernel_packets += 1
-        down.kernel_bytes += int(ev["bytes"])
+        down.kernel_bytes += ev["bytes"]
         self.stats.packets += 1
-        self.stats.bytes += int(ev["bytes"])
-        self._pending.append(_Pending(down, int(ev["pn"]), int(ev["time_ns"]) / 1e9, int(ev["bytes"]), frames, up,
-                                      int(ev["track"])))
+        self.stats.bytes += ev["bytes"]
+        self._try_register(_Pending(down, ev["pn"], ev["time_ns"] / 1e9, ev["bytes"], frames, up, track))
 
-    def _handover(self, down: _Down, ev) -> None:
-        fr = ev["frames"][0]
-        up, up_stream = int(ev["up"]), int(fr["up_stream"])
-        state = int(ev["state"])
+    def _handover(self, down: _Down, ev: dict) -> None:
+        sid, _, up_stream, up_off, _, _, _ = ev["frames"][0].item()
+        up = ev["up"]
         self.stats.handovers += 1
-        if state == StreamState.ABANDONED:
+        if ev["state"] == StreamState.ABANDONED:
             self.stats.abandoned += 1
-            ds = down.tracks.get(int(ev["track"]))
+            ds = down.tracks.get(ev["track"])
             if ds is not None:
                 ds.dropped += 1
-            down.continuations[(up, up_stream)] = _Continuation(int(fr["stream"]), 0, -1)
+            down.continuations[(up, up_stream)] = _Continuation(sid, 0, -1)
         else:
             ds_entry = self.fp.dstream(down.slot, up, up_stream)
             delta = ds_entry.delta if ds_entry is not None else 0
-            down.continuations[(up, up_stream)] = _Continuation(int(fr["stream"]), delta, int(fr["up_offset"]))
+            down.continuations[(up, up_stream)] = _Continuation(sid, delta, up_off)
         self._mirrors.setdefault((up, up_stream), _Mirror()).users += 1
 
-    def _resolve_pending(self) -> None:
-        """Register the kernel's packets whose stream bytes have reached userspace; continue
-        handed-over streams."""
-        ready = [(p, frames) for p in self._pending if (frames := self._frames_of(p)) is not None]
-        self._pending = [p for p in self._pending if not any(p is r for r, _ in ready)]
-        touched = {p.down for p, _ in ready}
-        for p, frames in ready:
-            self._register(p, frames)
+    def _try_register(self, p: _Pending) -> None:
+        """Register a kernel packet now if userspace has its stream bytes, else when they come
+        (the upstream datagram it was cloned from is read right after its record, unless the
+        relay is behind)."""
+        frames = self._frames_of(p)
+        if frames is None:
+            self._wait(p)
+            return
+        self._unwait(p)
+        self._register(p, frames)
+        self._touched.add(p.down)
+
+    def _wait(self, p: _Pending) -> None:
+        if not p.counted:
+            p.counted = True
+            p.down.pending += 1
+            p.down.pending_bytes += p.size
+            p.down.pending_stream_bytes += sum(f[2] for f in p.frames)
+        heapq.heappush(self._waiting.setdefault(p.missing, []), (p.need, next(self._seq), p))
+
+    def _unwait(self, p: _Pending) -> None:
+        if p.counted:
+            p.counted = False
+            p.down.pending -= 1
+            p.down.pending_bytes -= p.size
+            p.down.pending_stream_bytes -= sum(f[2] for f in p.frames)
+
+    def _flush(self) -> None:
+        """Continue handed-over streams, forget old mirrors, send what registrations released."""
         for down in list(self._downs.values()):
             if down.continuations and self._continue(down):
-                touched.add(down)
+                self._touched.add(down)
         self._gc_mirrors()
+        touched, self._touched = self._touched, set()
         for down in touched:
             self.transmit(down.link)
 
@@ -495,41 +541,50 @@ class KernelPath:
     def _register_for_reset(self, down: _Down, streams: set[int]) -> None:
         """Register the kernel's packets on streams about to be reset even if their bytes never
         reached userspace (the publisher went away): placeholders, never re-sent once reset."""
-        mine = [p for p in self._pending if p.down is down and any(f[0] in streams for f in p.frames)]
-        self._pending = [p for p in self._pending if not any(p is q for q in mine)]
-        for p in mine:
-            self._register(p, self._frames_of(p) or [SentStreamFrame(sid, off, bytes(length), fin)
-                                                     for sid, off, length, _, _, fin in p.frames])
+        for key, waiters in list(self._waiting.items()):
+            mine = [w[2] for w in waiters if w[2].down is down and any(f[0] in streams for f in w[2].frames)]
+            if not mine:
+                continue
+            taken = {id(p) for p in mine}
+            self._waiting[key] = [w for w in waiters if id(w[2]) not in taken]
+            heapq.heapify(self._waiting[key])
+            for p in mine:
+                self._unwait(p)
+                self._register(p, self._frames_of(p) or [SentStreamFrame(sid, off, bytes(length), fin)
+                                                         for sid, off, length, _, _, fin in p.frames])
         self._gc_mirrors()
 
     def _frames_of(self, p: _Pending) -> list[SentStreamFrame] | None:
         out = []
         for sid, off, length, up_stream, up_off, fin in p.frames:
             mirror = self._mirrors.get((p.up, up_stream))
-            if mirror is None:
-                return None
+            p.missing = (p.up, up_stream)
+            have = len(mirror.data) if mirror is not None else 0
             if up_off == 0:
                 # the header frame: the subscriber's alias, so the length differs by the alias change
-                if len(mirror.data) < 2 or len(mirror.data) < _varint_len(mirror.data[0]) + 1:
+                if have < 2 or have < _varint_len(mirror.data[0]) + 1:
+                    p.need = 2 if have < 2 else _varint_len(mirror.data[0]) + 1
                     return None
                 t = _varint_len(mirror.data[0])
                 alias = p.down.aliases.get(p.track, 0)
-                delta = len(Writer().varint(alias).buf) - _varint_len(mirror.data[t])
-                if len(mirror.data) < length - delta:
+                p.need = length - (len(Writer().varint(alias).buf) - _varint_len(mirror.data[t]))
+                if have < p.need:
                     return None
-                data = rewrite_alias(bytes(mirror.data[:length - delta]), alias)
+                data = rewrite_alias(bytes(mirror.data[:p.need]), alias)
             else:
-                if len(mirror.data) < up_off + length:
+                p.need = up_off + length
+                if have < p.need:
                     return None
-                data = bytes(mirror.data[up_off:up_off + length])
+                data = bytes(mirror.data[up_off:p.need])
             out.append(SentStreamFrame(sid, off, data, fin))
+        p.missing = None
         return out
 
     def _continue(self, down: _Down) -> bool:
         """Send what upstream has of handed-over streams; True if anything was written."""
         wrote = False
         for key, c in list(down.continuations.items()):
-            if any(p.down is down and p.up == key[0] for p in self._pending):
+            if down.pending:
                 continue  # the kernel's earlier bytes are not registered yet
             mirror = self._mirrors.get(key)
             if c.next_up < 0:  # abandoned: reset once the kernel's bytes are registered
@@ -566,7 +621,7 @@ class KernelPath:
 
     # ---- budgets
     def _after_input(self, link: QuicLink) -> None:
-        self._resolve_pending()
+        self._flush()
         down = self._downs.get(link)
         if down is not None:
             self._publish(down)
@@ -583,11 +638,12 @@ class KernelPath:
         control leave (minus what the kernel sent that is not registered yet)."""
         if down.link.closed.done():
             return
-        pending = sum(p.size for p in self._pending if p.down is down)
-        budget = down.ext.budget() - pending
+        budget = down.ext.budget() - down.pending_bytes
         credit, max_uni = down.ext.flow_credit()
-        credit -= sum(f[2] for p in self._pending if p.down is down for f in p.frames)
-        if (budget, credit) != down.published:
+        credit -= down.pending_stream_bytes
+        last_budget, last_credit = down.published
+        if (abs(budget - last_budget) >= self.PUBLISH_STEP or abs(credit - last_credit) >= self.PUBLISH_STEP
+                or (budget < 0) != (last_budget < 0)):
             st = self.fp.state(down.slot)
             if budget != st.budget:
                 self.fp.take(down.slot, Take.BUDGET, budget - st.budget)

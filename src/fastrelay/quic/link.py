@@ -90,19 +90,20 @@ class QuicLink(QuicConnectionProtocol):
         cfg = self._quic.configuration
         if isinstance(cfg, LinkConfiguration) and cfg.plaintext:
             plaintext_mode.install(self._quic)
-        self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
         self.closed = asyncio.get_event_loop().create_future()
         self._transmit_scheduled = False
         # kernel data path hooks (moq/kernel_path.py): records drained before input, budgets
-        # published after it, stream ids from a counter shared with the kernel
-        self.before_input: Callable[[], None] | None = None
+        # published after it, stream ids from a counter shared with the kernel; set by the
+        # handler factory, so they exist before it runs
+        self.before_input: Callable[[QuicLink], None] | None = None
         self.after_input: Callable[[QuicLink], None] | None = None
         self.stream_allocator: Callable[[], int] | None = None
+        self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
 
     # ---- events in
     def datagram_received(self, data: bytes | str, addr: tuple) -> None:
         if self.before_input is not None:
-            self.before_input()
+            self.before_input(self)
         super().datagram_received(data, addr)
         if self.after_input is not None:
             self.after_input(self)

@@ -104,8 +104,12 @@ struct fr_probe_config {
 	__u16 tag_offset;            /* offset of struct fr_tag in the UDP payload */
 	__u8 sink;                   /* 1 = drop tagged packets after measuring (benchmark sink) */
 	__u8 pad;
-	__u32 pad2;
+	__u16 scan;                  /* > 0: the tag is the first one found in this many payload bytes
+	                              * from tag_offset (tags inside QUIC frames move around) */
+	__u16 pad2;
 };
+
+#define FR_PROBE_SCAN_MAX 1536        /* bytes a scanning probe searches at most */
 
 /* fr_probe_ts[seq % FR_PROBE_TS_SLOTS]: when the publisher sent seq */
 struct fr_probe_ts {
