@@ -1,9 +1,12 @@
 """`make demo`: fastrelay in a namespace lab (publisher, relay, 4 subscriber namespaces).
 
-1. MoQT: ffmpeg's H.264 test pattern is published through `fastrelay relay` to 4 subscribers
-   (live per-subscriber table: objects/s, latency, objects lost, and the objects the relay
-   dropped for slow subscribers, from its Prometheus endpoint); the received videos are
-   written and checked with ffprobe.
+1. MoQT: ffmpeg's H.264 test pattern is published through `fastrelay relay --datapath kernel`
+   to 4 subscribers: two offer plaintext QUIC and are served by the kernel fast path, two use
+   standard crypto and are served by userspace, at the same time (live per-subscriber table:
+   data path, objects/s, latency, objects lost, and the objects the relay dropped for slow
+   subscribers, from its Prometheus endpoint); the received videos are checked with ffprobe.
+   Then the relay's kernel and userspace data paths are measured side by side (fan-out 8,
+   one-way delay from BPF probes, relay CPU per packet).
 2. UDP fan-out: each data path relays a real stream to 4 subscriber sockets, every byte
    verified, then both paths are measured side by side (the benchmark's method, shorter).
 3. Plots and videos go to demo-output/.
@@ -80,15 +83,17 @@ def _relay_dropped(lab: Lab) -> int | None:
 def moq(lab: Lab, out: Path) -> bool:
     """Publisher -> MoQT relay -> 4 subscribers in the lab; True if every video decodes."""
     fr = [sys.executable, "-m", "fastrelay"]
+    log = open(out / "relay.log", "w")  # noqa: SIM115 (closed below, after the relay)
     relay = subprocess.Popen(exec_argv(lab.relay_ns, [*fr, "relay", f"moqt://0.0.0.0:{MOQ_PORT}",
-                                                     "--state-dir", str(out), "--metrics", METRICS]),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                     "--state-dir", str(out), "--metrics", METRICS,
+                                                     "--datapath", "kernel", "--insecure-plaintext"]),
+                             stdout=subprocess.DEVNULL, stderr=log)
     procs: list[subprocess.Popen] = []
     try:
         time.sleep(1.5)
         publisher = subprocess.Popen(exec_argv(lab.publisher.netns, [
             *fr, "publish", f"moqt://{lab.publisher.relay_ipv4}:{MOQ_PORT}", "-N", "demo/cam", "-T", "video",
-            "--source", "testsrc", "--duration", str(MOQ_SECONDS), "--wait", "10"]),
+            "--source", "testsrc", "--duration", str(MOQ_SECONDS), "--wait", "10", "--insecure-plaintext"]),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(publisher)
         time.sleep(0.5)
@@ -96,12 +101,13 @@ def moq(lab: Lab, out: Path) -> bool:
         for i, link in enumerate(lab.subscribers):
             p = subprocess.Popen(exec_argv(link.netns, [
                 *fr, "subscribe", f"moqt://{link.relay_ipv4}:{MOQ_PORT}", "-N", "demo/cam", "-T", "video",
-                "--out", str(out / f"moq_sub{i}.h264"), "--duration", str(MOQ_SECONDS + 5), "--progress"]),
+                "--out", str(out / f"moq_sub{i}.h264"), "--duration", str(MOQ_SECONDS + 5), "--progress",
+                *(["--insecure-plaintext"] if i < KERNEL_SUBSCRIBERS else [])]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             subs.append(p)
             procs.append(p)
         last: list[dict] = [{} for _ in subs]
-        print(f"{'sub':>4} {'objects':>8} {'obj/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'gaps':>5}")
+        print(f"{'sub':>4} {'path':>9} {'objects':>8} {'obj/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'lost':>5} {'gaps':>5}")
         readers = [threading.Thread(target=_follow, args=(p, last, i), daemon=True) for i, p in enumerate(subs)]
         for t in readers:
             t.start()
@@ -110,7 +116,7 @@ def moq(lab: Lab, out: Path) -> bool:
             time.sleep(1.0)
             for i, snap in enumerate(last):
                 if snap:
-                    print(f"{i:>4} {snap['objects']:>8} {snap.get('objects_per_s', '-'):>6} "
+                    print(f"{i:>4} {_path(i):>9} {snap['objects']:>8} {snap.get('objects_per_s', '-'):>6} "
                           f"{snap['latency_p50_ms'] or '-':>7} {snap['latency_p99_ms'] or '-':>7} "
                           f"{snap['lost']:>5} {snap['gaps']:>5}")
             dropped = _relay_dropped(lab) if relay.poll() is None else dropped
@@ -124,6 +130,10 @@ def moq(lab: Lab, out: Path) -> bool:
                 p.kill()
         relay.terminate()
         relay.wait()
+        log.close()
+    for line in (out / "relay.log").read_text().splitlines():
+        if "left the kernel path" in line:
+            print("relay:", line.split(" INFO ", 1)[-1])
     ok = True
     for i, snap in enumerate(last):
         probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
@@ -138,6 +148,39 @@ def moq(lab: Lab, out: Path) -> bool:
     return ok
 
 
+KERNEL_SUBSCRIBERS = 2  # subscribers 0 and 1 offer plaintext QUIC: the kernel serves them
+
+
+def _path(i: int) -> str:
+    return "kernel" if i < KERNEL_SUBSCRIBERS else "userspace"
+
+
+def moq_datapaths(lab: Lab) -> None:
+    """The relay's two data paths side by side, same lab, same load (bench moq-datapath, shorter)."""
+    import os
+    import tempfile
+
+    from .bench import moq_datapath
+    from .kernel.stats import enable_run_stats
+    from .lab.probe import DelayProbe
+
+    stats_fd = enable_run_stats()
+    try:
+        rx = [(link.netns, link.ifname, link.mac) for link in lab.subscribers]
+        with tempfile.TemporaryDirectory() as state, \
+                DelayProbe((lab.publisher.netns, lab.publisher.ifname), rx, scan=1400) as probe:
+            cases = [moq_datapath.run_case(lab, probe, dp, 8, 3.0, state) for dp in moq_datapath.DATAPATHS]
+    finally:
+        os.close(stats_fd)
+    print(f"{'data path':>10} {'fan-out':>7} {'packets/s':>9} {'delay p50 us':>12} {'delay p99 us':>12} "
+          f"{'relay CPU us/pkt':>16} {'lost':>5}")
+    for c in cases:
+        print(f"{c.datapath:>10} {c.fanout:>7} {c.packets_per_s:>9.0f} {c.delay_p50_us:>12} {c.delay_p99_us:>12} "
+              f"{c.cpu_us_per_packet or 0:>16.1f} {c.lost:>5}")
+    for line in moq_datapath.ratios(cases):
+        print(line)
+
+
 def _follow(proc: subprocess.Popen, last: list[dict], i: int) -> None:
     for line in proc.stdout:
         data = json.loads(line)
@@ -148,8 +191,10 @@ def main() -> int:
     out = Path("demo-output")
     out.mkdir(exist_ok=True)
     with Lab("demo", 4) as lab:
-        print("== 1. MoQT: ffmpeg H.264 -> relay -> 4 subscribers (userspace data path)")
+        print("== 1. MoQT: ffmpeg H.264 -> relay -> 4 subscribers (2 on the kernel path, 2 on the userspace path)")
         moq_ok = moq(lab, out)
+        print("\n== 1b. MoQT relay, kernel vs userspace data path, fan-out 8 (synthetic objects, BPF delay probes)")
+        moq_datapaths(lab)
         print("\n== 2. UDP fan-out delivery check (publisher -> relay -> 4 subscribers, every byte verified)")
         lines = [verify(lab, dp) for dp in ("kernel", "userspace")]
     print("\n".join(lines))

@@ -211,19 +211,28 @@ def test_userspace_packets_are_renumbered_from_the_shared_counter(rig):
 
 
 def test_congested_subscriber_skips_whole_low_priority_subgroups(rig):
+    """Past its congestion budget the kernel sends no more low-priority data to a subscriber:
+    a new low-priority subgroup is skipped whole and a started one is abandoned (userspace
+    resets it) - never a hole in a stream; protected subgroups (keyframes) still go."""
     calm = rig.add_sub(0, alias=9, next_stream=3)
-    busy = rig.add_sub(1, alias=9, next_stream=3, budget=0, protect=0x20)
-    # keyframe subgroup (priority 0x10) and a dependent one (0x80): the congested subscriber
-    # keeps the important one and never sees any byte of the other
-    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0x10) + b"\x00\x03key")))
-    rig.send(short_packet(UP_CID, 2, stream_frame(6, 0, subgroup_header(ALIAS, 1, 0x80) + b"\x00\x03dep")))
-    rig.send(short_packet(UP_CID, 3, stream_frame(6, 8, b"\x00\x03dep", fin=True)))
-    assert len(rig.received(0, 3)) == 3
-    busy_got = rig.received(1, 1)
-    assert len(busy_got) == 1 and parse_frames(busy_got[0]["payload"])[2][0][1] == 3
-    assert rig.fp.dstream(busy, rig.up, 6).state == StreamState.SKIPPED
+    busy = rig.add_sub(1, alias=9, next_stream=3, protect=0x20)
+    rig.send(short_packet(UP_CID, 1, stream_frame(10, 0, subgroup_header(ALIAS, 0, 0x80) + b"\x00\x03old")))
+    rig.fp.take(busy, Take.BUDGET, -(2 << 20))  # far behind its window from now on
+    rig.send(short_packet(UP_CID, 2, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0x10) + b"\x00\x03key")))
+    rig.send(short_packet(UP_CID, 3, stream_frame(6, 0, subgroup_header(ALIAS, 1, 0x80) + b"\x00\x03dep")))
+    rig.send(short_packet(UP_CID, 4, stream_frame(10, 8, b"\x00\x03more", fin=True)))
+    assert len(rig.received(0, 4)) == 4
+    busy_got = rig.received(1, 2)
+    assert len(busy_got) == 2  # the start of the old subgroup, then the keyframe subgroup
+    assert parse_frames(busy_got[1]["payload"])[2][0][3].endswith(b"key")
     assert rig.fp.dstream(calm, rig.up, 6).state == StreamState.FORWARD
-    assert rig.fp.counters()["skip_congestion"] == 1
+    assert rig.fp.dstream(busy, rig.up, 6).state == StreamState.SKIPPED
+    assert rig.fp.dstream(busy, rig.up, 2).state == StreamState.FORWARD
+    assert rig.fp.dstream(busy, rig.up, 10).state == StreamState.ABANDONED
+    hand = [e for e in rig.fp.drain() if e["kind"] == EventKind.HANDOVER]
+    assert len(hand) == 1 and hand[0]["state"] == StreamState.ABANDONED and hand[0]["frames"][0]["up_offset"] == 8
+    c = rig.fp.counters()
+    assert c["skip_congestion"] == 1 and c["abandoned"] == 1
 
 
 def test_stream_that_began_before_the_subscriber_stays_userspace(rig):

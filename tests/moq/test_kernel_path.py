@@ -54,11 +54,11 @@ class Relay:
 
 
 @contextmanager
-def relay(lab: Lab, tmp_path, *extra: str):
+def relay(lab: Lab, tmp_path, *extra: str, listen: str = "0.0.0.0"):
     log_path = tmp_path / "relay.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(exec_argv(lab.relay_ns, fr(
-            "relay", f"moqt://0.0.0.0:{PORT}", "--datapath", "kernel", "--insecure-plaintext", "--state-dir",
+            "relay", f"moqt://{listen}:{PORT}", "--datapath", "kernel", "--insecure-plaintext", "--state-dir",
             str(tmp_path), "--metrics", f"127.0.0.1:{METRICS}", "--goaway-grace", "0.2", *extra)),
             stdout=subprocess.DEVNULL, stderr=log, text=True)
     r = Relay(proc, log_path)

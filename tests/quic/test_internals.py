@@ -261,3 +261,31 @@ def test_connection_facts_for_the_kernel_path():
     assert internals.peer_cid(client) in cids and all(len(c) == 8 for c in cids)
     assert internals.peer_max_stream_data_uni(server) == client.configuration.max_stream_data
     assert 1200 <= internals.max_datagram_size(server) <= 1500
+
+
+def test_closing_and_an_unclamped_congestion_budget():
+    pair = Pair()
+    server = pair.server
+    assert not internals.is_closing(server)
+    window, flight = internals.congestion_window(server), internals.bytes_in_flight(server)
+    assert internals.congestion_budget(server) == window - flight
+    pair.client.close(error_code=0)
+    pair.collect()
+    pair.step()  # the server receives CONNECTION_CLOSE and starts draining, before it reports termination
+    assert internals.is_closing(server)
+
+
+def test_stream_acked_after_the_peer_acknowledged_everything_or_a_reset():
+    pair = Pair()
+    server = pair.server
+    sid = server.get_next_available_stream_id(is_unidirectional=True)
+    server.send_stream_data(sid, b"x" * 3000, end_stream=True)
+    other = sid + 4
+    server.send_stream_data(other, b"y" * 3000)
+    assert not internals.stream_acked(server, sid)
+    pair.collect()
+    pair.run(10)
+    assert not internals.is_stream_open(server, sid) or internals.stream_acked(server, sid)
+    assert not internals.stream_acked(server, other)  # no FIN yet
+    server.reset_stream(other, 1)
+    assert internals.stream_acked(server, other)

@@ -180,14 +180,15 @@ def _report(cases: list[Case], seconds: float) -> str:
         table(["data path", "fan-out", "objects/s offered", "objects/s delivered", "media packets/s delivered",
                "delay p50 us", "delay p99 us", "relay CPU us/packet", "lost", "kernel share"], rows),
         "",
-        *[f"- {line}" for line in _ratios(cases)],
+        *[f"- {line}" for line in ratios(cases)],
         "- delay: BPF timestamps at the publisher's egress and each subscriber's ingress; relay CPU: the relay"
         " namespace's processes (schedstat) plus the relay's BPF programs' run time (bpf_stats); kernel share:"
         " media packets the kernel sent / all media packets delivered.",
     ])
 
 
-def _ratios(cases: list[Case]) -> list[str]:
+def ratios(cases: list[Case]) -> list[str]:
+    """Kernel/userspace ratios per fan-out, with the targets."""
     by = {(c.datapath, c.fanout): c for c in cases}
     out = []
     for fanout in sorted({c.fanout for c in cases}):

@@ -712,7 +712,10 @@ static __always_inline struct fr_moq_dstream *open_stream(struct build_ctx *c, s
 	if (f->offset != 0) {
 		ds.state = FR_MOQ_DS_NOT_JOINED;
 		count(FR_MQ_NOT_JOINED);
-	} else if (c->st->budget < c->conn->skip_below && f->priority > c->conn->protect_priority) {
+	} else if (f->priority > c->conn->protect_priority &&
+		   (c->st->budget < c->conn->skip_below ||
+		    c->st->next_stream + 4 * FR_MOQ_STREAM_RESERVE >= c->conn->max_stream)) {
+		/* congested, or short of stream credit: the last streams are kept for protected subgroups */
 		ds.state = FR_MOQ_DS_SKIPPED;
 		count(FR_MQ_SKIP_CONGESTION);
 	} else {
@@ -761,7 +764,9 @@ static long build_one(__u32 i, void *data)
 			ds = open_stream(c, f, &key);
 		if (!ds || ds->state != FR_MOQ_DS_FORWARD)
 			return 0;
-		if (c->conn->abandon_below && c->st->budget < c->conn->abandon_below) {
+		if (c->st->budget < c->conn->skip_below && f->priority > c->conn->protect_priority) {
+			/* congested: a started low-priority subgroup goes no further (userspace resets it);
+			 * protected ones (keyframes: small, and what the rest depends on) keep going */
 			handover(c, f, ds, FR_MOQ_DS_ABANDONED, FR_MQ_ABANDONED);
 			return 0;
 		}

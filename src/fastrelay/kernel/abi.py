@@ -152,7 +152,6 @@ class MoqConn(ctypes.Structure):
         ("max_stream", u64),
         ("stream_window", u64),
         ("skip_below", s64),
-        ("abandon_below", s64),
     ]
 
 

@@ -68,9 +68,8 @@ class ConnSpec:
     max_stream: int               # first server-unidirectional stream id the peer does not allow yet
     stream_window: int            # peer's initial MAX_STREAM_DATA for unidirectional streams
     max_payload: int = 1200
-    protect_priority: int = 0     # under congestion, new subgroups with a larger priority value are skipped
-    skip_below: int = 1           # congestion: the budget under which those new subgroups are skipped
-    abandon_below: int = 0        # budget (negative) under which started subgroups are abandoned; 0: never
+    protect_priority: int = 0     # under congestion, subgroups with a larger priority value are dropped
+    skip_below: int = 1           # congestion: the budget under which the kernel stops sending
 
 
 def _ip_bytes(ip: str) -> bytes:
@@ -241,8 +240,7 @@ class MoqFastPath:
                            protect_priority=spec.protect_priority, max_payload=spec.max_payload,
                            dst_ip=u8x16(*_ip_bytes(spec.dst[0])), src_ip=u8x16(*_ip_bytes(spec.src[0])),
                            dcid=(ctypes.c_uint8 * abi.FR_MOQ_CID_LEN)(*spec.dcid), max_stream=spec.max_stream,
-                           stream_window=spec.stream_window, skip_below=spec.skip_below,
-                           abandon_below=spec.abandon_below)
+                           stream_window=spec.stream_window, skip_below=spec.skip_below)
 
     def remove_conn(self, slot: int) -> None:
         """Take a connection out of the kernel path and free every entry it had."""

@@ -123,6 +123,7 @@ class _Down:
     open_streams: dict[int, dict[int, int]] = field(default_factory=dict)  # track -> {down stream: next offset}
     registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
     fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
+    expendable: set[int] = field(default_factory=set)  # kernel streams of low-priority subgroups
     published: tuple[int, int] = (-1, -1)
     pending: int = 0  # kernel packets waiting for their upstream bytes before registration
     pending_bytes: int = 0
@@ -140,6 +141,7 @@ class KernelStats:
     abandoned: int = 0
     unmatched: int = 0             # records for a connection no longer known
     register_errors: int = 0       # kernel packets whose stream bytes could not be registered
+    shed: int = 0                  # finished low-priority kernel streams reset for a congested subscriber
     connections: int = 0           # subscriber connections on the kernel path now
     refused: int = 0               # connections that stayed on the userspace path
 
@@ -150,12 +152,10 @@ class KernelPath:
     TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
     PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
 
-    def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
-                 abandon_below: int = -(4 << 20)) -> None:
+    def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0) -> None:
         self.fp = MoqFastPath(port, ingress=interfaces, egress=interfaces)
         self.port = port
         self.protect_priority = protect_priority
-        self.abandon_below = abandon_below
         # pyroute2's synchronous API refuses to run inside an event loop: netlink work goes to
         # a thread of its own (next-hop look-ups take a millisecond or two)
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="fastrelay-netlink")
@@ -349,8 +349,7 @@ class KernelPath:
                         stream_window=internals.peer_max_stream_data_uni(quic),
                         max_payload=min(internals.max_datagram_size(quic), hop.mtu - 48),
                         protect_priority=self.protect_priority,
-                        skip_below=_skip_below(internals.congestion_window(quic)),
-                        abandon_below=self.abandon_below)
+                        skip_below=_skip_below(internals.congestion_window(quic)))
         slot = self.fp.add_conn(spec, next_pn=ext.first_packet_number,
                                 next_stream=quic.get_next_available_stream_id(is_unidirectional=True),
                                 budget=ext.budget(), credit=credit)
@@ -432,6 +431,9 @@ class KernelPath:
                 except ValueError:
                     continue  # a late duplicate for a stream that is over and forgotten
                 down.registered[sid] = RangeSet()
+                entry = self.fp.dstream(down.slot, up, up_stream)
+                if entry is not None and entry.priority > self.protect_priority:
+                    down.expendable.add(sid)
                 ds = down.tracks.get(track)
                 if ds is not None:
                     ds.streams += 1
@@ -624,21 +626,28 @@ class KernelPath:
         self._flush()
         down = self._downs.get(link)
         if down is not None:
-            self._publish(down)
+            if internals.is_closing(link.quic):
+                self._remove_down(link)  # a closed connection gets nothing more (RFC 9000 10.2)
+            else:
+                self._publish(down)
 
     def _publish_all(self) -> None:
         for down in list(self._downs.values()):
+            if internals.is_closing(down.link.quic):
+                self._remove_down(down.link)
+                continue
             self._publish(down)
             for sid in [sid for sid in down.fins if not internals.is_stream_open(down.link.quic, sid)]:
                 down.fins.discard(sid)  # delivered and discarded by aioquic: forget it
                 down.registered.pop(sid, None)
+                down.expendable.discard(sid)
 
     def _publish(self, down: _Down) -> None:
         """Tell the kernel how much this connection's congestion window and the peer's flow
         control leave (minus what the kernel sent that is not registered yet)."""
         if down.link.closed.done():
             return
-        budget = down.ext.budget() - down.pending_bytes
+        budget = internals.congestion_budget(down.link.quic) - down.pending_bytes  # negative: overshoot
         credit, max_uni = down.ext.flow_credit()
         credit -= down.pending_stream_bytes
         last_budget, last_credit = down.published
@@ -650,10 +659,23 @@ class KernelPath:
             if credit != st.credit:
                 self.fp.take(down.slot, Take.CREDIT, credit - st.credit)
             down.published = (budget, credit)
+        if budget < down.spec.skip_below:
+            self._shed(down)
         skip = _skip_below(internals.congestion_window(down.link.quic))
         if 4 * max_uni + 3 != down.spec.max_stream or abs(skip - down.spec.skip_below) > -skip // 4:
             down.spec = replace(down.spec, max_stream=4 * max_uni + 3, skip_below=skip)
             self.fp.update_conn(down.slot, down.spec)
+
+    def _shed(self, down: _Down) -> None:
+        """A congested subscriber: reset the low-priority subgroups the kernel has finished
+        sending but the subscriber has not acknowledged yet, so their retransmissions stop
+        holding back what matters (the kernel itself abandons those it is still sending)."""
+        quic = down.link.quic
+        for sid in [sid for sid in down.expendable if sid in down.fins]:
+            down.expendable.discard(sid)
+            if internals.is_stream_open(quic, sid) and not internals.stream_acked(quic, sid):
+                down.link.reset(sid, ABANDONED_RESET_CODE)
+                self.stats.shed += 1
 
     def counters(self) -> dict[str, int]:
         """Kernel counters and this path's own, for metrics."""

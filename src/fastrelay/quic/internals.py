@@ -274,3 +274,22 @@ def peer_max_stream_data_uni(quic: QuicConnection) -> int:
 def max_datagram_size(quic: QuicConnection) -> int:
     """The largest UDP payload aioquic sends on this connection."""
     return quic._max_datagram_size
+
+
+def is_closing(quic: QuicConnection) -> bool:
+    """The connection is closing, draining or gone: nothing may be sent on it any more (a
+    CONNECTION_CLOSE arrived or was sent; aioquic reports termination only after draining)."""
+    from aioquic.quic.connection import END_STATES
+
+    return quic._state in END_STATES
+
+
+def congestion_budget(quic: QuicConnection) -> int:
+    """Congestion window minus bytes in flight; negative when more is in flight than the window."""
+    return quic._loss.congestion_window - quic._loss.bytes_in_flight
+
+
+def stream_acked(quic: QuicConnection, stream_id: int) -> bool:
+    """Everything sent on a send stream (FIN included) was acknowledged, or it was reset."""
+    sender = _send_stream(quic, stream_id).sender
+    return sender.is_finished or sender._reset_error_code is not None

@@ -163,6 +163,7 @@ enum fr_drop_counter {
 #define FR_MOQ_MAX_SUBS 256          /* kernel-path subscribers per track */
 #define FR_MOQ_MAX_CONNS 4096        /* downstream connection slots */
 #define FR_MOQ_MAX_TRACK_IDS 4096    /* track ids (relay-wide) */
+#define FR_MOQ_STREAM_RESERVE 16     /* stream credit kept for protected (high-priority) subgroups */
 
 struct fr_moq_cid {
 	__u8 b[FR_MOQ_CID_LEN];
@@ -253,8 +254,7 @@ struct fr_moq_conn {
 	__u8 dcid[FR_MOQ_CID_LEN];   /* the peer's connection id (destination of our packets) */
 	__u64 max_stream;            /* first server-unidirectional stream id the peer does not allow */
 	__u64 stream_window;         /* peer's initial MAX_STREAM_DATA for our unidirectional streams */
-	__s64 skip_below;            /* budget under which new subgroups above protect_priority are skipped */
-	__s64 abandon_below;         /* budget under which a started subgroup is abandoned (reset); 0: never */
+	__s64 skip_below;            /* congestion: budget under which the kernel stops sending (see the egress) */
 };
 
 /* fr_moq_state[slot]: counters shared by kernel and userspace, changed only atomically
