@@ -289,3 +289,25 @@ def test_removing_a_connection_frees_its_entries(rig):
     rig.fp.remove_upstream(rig.up)
     assert rig.fp.map_entries() == {"up": 0, "alias": 0, "ustream": 0, "dsub": 0, "dcid": 0, "dstream": 0,
                                     "conns": 0, "tracks": 0}
+
+
+def test_connection_id_changes_follow_both_sides(rig):
+    """NEW_CONNECTION_ID / RETIRE_CONNECTION_ID: the publisher may address the relay by a new
+    id, and the relay may address a subscriber by another of its ids; old ones stop counting."""
+    slot = rig.add_sub(0, alias=9, next_stream=3)
+    new_up = bytes.fromhex("3333333333333333")
+    rig.fp.upstream_cids(rig.up, {UP_CID, new_up})
+    rig.send(short_packet(new_up, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01x")))
+    assert len(rig.received(0, 1)) == 1
+    rig.fp.upstream_cids(rig.up, {new_up})
+    rig.send(short_packet(UP_CID, 2, stream_frame(6, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01y")))
+    assert rig.received(0, 0, timeout=0.2) == []  # a retired id is no publisher of ours any more
+
+    link = rig.lab.subscribers[0]
+    other = bytes([0xB0]) * 8
+    rig.fp.peer_cids(slot, {bytes([0xA0]) * 8, other})
+    rig.relay_sock.sendto(short_packet(other, 0x0007, bytes([0x01]) + b"\0" * 20), (link.ipv4, SUB_PORT))
+    (got,) = rig.received(0, 1)
+    assert got["udp_ok"] and int.from_bytes(got["payload"][9:11], "big") == rig.fp.state(slot).next_pn - 1
+    rig.fp.remove_conn(slot)
+    assert rig.fp.map_entries()["dcid"] == 0

@@ -154,6 +154,16 @@ _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
 _sendmmsg.restype = ctypes.c_int
 
 
+class PayloadShape:
+    """How a UdpSource lays out datagram seq of `size` bytes: `fill(buf, offset, seq)` writes it
+    at buf[offset:offset + size] (the buffer is reused, so every varying byte must be written)."""
+
+    size: int
+
+    def fill(self, buf: bytearray, offset: int, seq: int) -> None:
+        raise NotImplementedError
+
+
 class UdpSource:
     """Sends datagrams 0, 1, ... of one stream to dest with sendmmsg(2), paced or as fast as possible.
 
@@ -161,6 +171,7 @@ class UdpSource:
     seconds or count datagrams, whichever comes first. With gso_segments, each message carries
     that many size-byte datagrams as one UDP GSO send (UDP_SEGMENT). The socket is created and
     bound here, so a source constructed inside another network namespace sends from there.
+    With a `shape`, datagrams are laid out by it (its size) instead of the tagged payload.
     """
 
     def __init__(
@@ -174,7 +185,10 @@ class UdpSource:
         stream: int = 0,
         gso_segments: int | None = None,
         bind: Address | None = None,
+        shape: PayloadShape | None = None,
     ) -> None:
+        if shape is not None:
+            size = shape.size
         payload(stream, 0, size)  # validates stream and size
         if rate is not None and not (rate > 0 and math.isfinite(rate)):
             raise ValueError(f"rate must be a positive number of datagrams per second, not {rate}")
@@ -191,7 +205,7 @@ class UdpSource:
             raise ValueError(f"size * gso_segments = {size * segments} exceeds {MAX_SIZE}")
         family, sockaddr = _resolve(*dest)
         self._rate, self._size, self._duration, self._count = rate, size, duration, count
-        self._stream, self._segments = stream, segments
+        self._stream, self._segments, self._shape = stream, segments, shape
         self._name = _sockaddr_bytes(family, sockaddr)
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -242,6 +256,11 @@ class UdpSource:
         msg_rate = None if self._rate is None else self._rate / segments
         last_datagram = math.inf if count is None else count
         fd, pack = self._sock.fileno(), _SEQ.pack_into
+        if self._shape is not None:
+            fill = self._shape.fill
+
+            def pack(buf: bytearray, offset: int, seq: int) -> None:
+                fill(buf, offset - _SEQ_OFFSET, seq)
         sent = errors = m = 0
         t0 = time.perf_counter()
         deadline = math.inf if self._duration is None else t0 + self._duration

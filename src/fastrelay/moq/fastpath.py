@@ -136,6 +136,7 @@ class MoqFastPath:
         self._gen = 0
         self.conns: dict[int, ConnSpec] = {}
         self._slot_gen: dict[int, int] = {}
+        self._peer_cids: dict[int, set[bytes]] = {}  # slot -> the peer's connection ids in fr_moq_dcid
         self.track_sets: dict[int, list[int]] = {}
         self._subs: dict[int, set[int]] = {}  # slot -> tracks
         self._ups: dict[int, bytes] = {}  # up id -> cid
@@ -218,19 +219,28 @@ class MoqFastPath:
         self._state.update(slot, abi.MoqState(next_pn=next_pn, next_stream=next_stream, budget=budget, credit=credit))
         self._conns.update(slot, self._conn_value(spec, self._gen))
         self._dcid.update(self._cid(spec.dcid), abi.MoqSlot(slot=slot, gen=self._gen))
+        self._peer_cids[slot] = {spec.dcid}
         self.conns[slot] = spec
         self._slot_gen[slot] = self._gen
         self._subs[slot] = set()
         return slot
 
     def update_conn(self, slot: int, spec: ConnSpec) -> None:
-        """New limits or next hop for a connection (same slot and generation)."""
-        old = self.conns[slot]
-        if old.dcid != spec.dcid:
-            self._dcid.delete(self._cid(old.dcid))
-            self._dcid.update(self._cid(spec.dcid), abi.MoqSlot(slot=slot, gen=self._slot_gen[slot]))
+        """New limits, next hop or current peer connection id for a connection (same slot)."""
+        if spec.dcid not in self._peer_cids[slot]:
+            self.peer_cids(slot, self._peer_cids[slot] | {spec.dcid})
         self._conns.update(slot, self._conn_value(spec, self._slot_gen[slot]))
         self.conns[slot] = spec
+
+    def peer_cids(self, slot: int, cids: set[bytes]) -> None:
+        """The peer's connection ids the relay may address packets to on connection `slot` (its
+        packets to any of them are renumbered); NEW_CONNECTION_ID / RETIRE_CONNECTION_ID."""
+        old = self._peer_cids[slot]
+        for cid in old - cids:
+            self._dcid.delete(self._cid(cid))
+        for cid in cids - old:
+            self._dcid.update(self._cid(cid), abi.MoqSlot(slot=slot, gen=self._slot_gen[slot]))
+        self._peer_cids[slot] = set(cids)
 
     def _conn_value(self, spec: ConnSpec, gen: int) -> abi.MoqConn:
         u8x16 = ctypes.c_uint8 * 16
@@ -250,7 +260,8 @@ class MoqFastPath:
         for track in list(self._subs.pop(slot, set())):
             self.unsubscribe(slot, track)
         self._conns.update(slot, abi.MoqConn())  # gen 0: clones in flight are dropped
-        self._dcid.delete(self._cid(spec.dcid))
+        for cid in self._peer_cids.pop(slot, ()):
+            self._dcid.delete(self._cid(cid))
         for key in _keys(self._dstream):
             if key.conn == slot:
                 self._dstream.delete(key)

@@ -124,6 +124,7 @@ class _Down:
     registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
     fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
     expendable: set[int] = field(default_factory=set)  # kernel streams of low-priority subgroups
+    cids: set[bytes] = field(default_factory=set)  # the peer's connection ids known to the kernel
     published: tuple[int, int] = (-1, -1)
     pending: int = 0  # kernel packets waiting for their upstream bytes before registration
     pending_bytes: int = 0
@@ -164,6 +165,7 @@ class KernelPath:
         self._downs: dict[QuicLink, _Down] = {}
         self._slots: dict[int, _Down] = {}
         self._ups: dict[QuicLink, int] = {}
+        self._up_cids: dict[int, set[bytes]] = {}
         self._up_links: dict[int, QuicLink] = {}
         self._track_ids: dict[int, int] = {}  # id(relay Track) -> kernel id
         self._track_up: dict[int, int] = {}  # kernel track id -> up
@@ -214,6 +216,7 @@ class KernelPath:
                 return
             up = self.fp.add_upstream(next(iter(cids)), peer_addr)
             self.fp.upstream_cids(up, cids)
+            self._up_cids[up] = cids
             self._ups[link] = up
             self._up_links[up] = link
         tid = self._track_id(track)
@@ -256,6 +259,7 @@ class KernelPath:
         up = self._ups.pop(link, None)
         if up is not None:
             self._up_links.pop(up, None)
+            self._up_cids.pop(up, None)
             self.fp.remove_upstream(up)
             for key in [k for k in self._mirrors if k[0] == up]:
                 self._mirrors[key].end()
@@ -356,6 +360,7 @@ class KernelPath:
         down = _Down(link, ext, slot, spec)
         self._downs[link] = down
         self._slots[slot] = down
+        self._refresh_cids(down)
         link.stream_allocator = lambda: self._take_stream(down)
         self.stats.connections += 1
         log.info("subscriber %s on the kernel path (slot %d)", peer, slot)
@@ -632,10 +637,16 @@ class KernelPath:
                 self._publish(down)
 
     def _publish_all(self) -> None:
+        for link, up in self._ups.items():
+            cids = internals.host_cids(link.quic)
+            if cids != self._up_cids.get(up):
+                self.fp.upstream_cids(up, cids)
+                self._up_cids[up] = cids
         for down in list(self._downs.values()):
             if internals.is_closing(down.link.quic):
                 self._remove_down(down.link)
                 continue
+            self._refresh_cids(down)
             self._publish(down)
             for sid in [sid for sid in down.fins if not internals.is_stream_open(down.link.quic, sid)]:
                 down.fins.discard(sid)  # delivered and discarded by aioquic: forget it
@@ -664,6 +675,19 @@ class KernelPath:
         skip = _skip_below(internals.congestion_window(down.link.quic))
         if 4 * max_uni + 3 != down.spec.max_stream or abs(skip - down.spec.skip_below) > -skip // 4:
             down.spec = replace(down.spec, max_stream=4 * max_uni + 3, skip_below=skip)
+            self.fp.update_conn(down.slot, down.spec)
+
+    def _refresh_cids(self, down: _Down) -> None:
+        """Follow the peer's connection ids: every one the relay may use is renumbered by the
+        egress, and kernel-built packets carry the current one."""
+        quic = down.link.quic
+        cids = {c for c in internals.peer_cids(quic) if len(c) == abi.FR_MOQ_CID_LEN}
+        if cids != down.cids:
+            self.fp.peer_cids(down.slot, cids)
+            down.cids = cids
+        current = internals.peer_cid(quic)
+        if current != down.spec.dcid and current in cids:
+            down.spec = replace(down.spec, dcid=current)
             self.fp.update_conn(down.slot, down.spec)
 
     def _shed(self, down: _Down) -> None:

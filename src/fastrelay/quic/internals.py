@@ -271,6 +271,12 @@ def peer_max_stream_data_uni(quic: QuicConnection) -> int:
     return quic._remote_max_stream_data_uni
 
 
+def peer_cids(quic: QuicConnection) -> set[bytes]:
+    """Every connection id of the peer this endpoint may put on its packets: the current one and
+    those the peer issued for later use (NEW_CONNECTION_ID)."""
+    return {quic._peer_cid.cid, *(c.cid for c in quic._peer_cid_available)}
+
+
 def max_datagram_size(quic: QuicConnection) -> int:
     """The largest UDP payload aioquic sends on this connection."""
     return quic._max_datagram_size
