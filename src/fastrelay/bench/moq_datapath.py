@@ -74,7 +74,9 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 30
         time.sleep(0.05)
 
 
-def run_case(lab: Lab, probe: DelayProbe, datapath: str, fanout: int, seconds: float, state: str) -> Case:
+def run_case(lab: Lab, probe: DelayProbe, datapath: str, fanout: int, seconds: float, state: str,
+             delays: dict[tuple[str, int], Delays] | None = None) -> Case:
+    """One data path at one fan-out; its merged delay histogram goes to `delays` if given."""
     rate = min(200, TOTAL_RATE // fanout)
     log = Path(state, f"relay-{datapath}-{fanout}.log")
     with open(log, "w") as out:
@@ -108,7 +110,7 @@ def run_case(lab: Lab, probe: DelayProbe, datapath: str, fanout: int, seconds: f
         cpu0, bpf0, t0 = netns_cpu_s(lab.relay_ns), programs_run_ns(KERNEL_PROGRAMS), time.monotonic()
         time.sleep(seconds)
         cpu1, bpf1, t1 = netns_cpu_s(lab.relay_ns), programs_run_ns(KERNEL_PROGRAMS), time.monotonic()
-        delays = probe.read()
+        measured = probe.read()
         sent = json.loads(pub.communicate(timeout=seconds + 60)[0].strip().splitlines()[-1])
         summaries = [s for p in loads for s in json.loads(p.communicate(timeout=seconds + 60)[0].strip()
                                                            .splitlines()[-1])]
@@ -120,7 +122,9 @@ def run_case(lab: Lab, probe: DelayProbe, datapath: str, fanout: int, seconds: f
                 p.kill()
                 p.wait()
     window = t1 - t0
-    total = sum(delays[1:], delays[0])
+    total = sum(measured[1:], measured[0])
+    if delays is not None:
+        delays[(datapath, fanout)] = total
     packets = total.packets
     cpu_s = (cpu1 - cpu0) + (bpf1 - bpf0) / 1e9
     lost = 0
@@ -238,6 +242,7 @@ def main(args: argparse.Namespace) -> int:
         QUICK_FANOUTS if args.quick else FANOUTS)
     seconds = args.seconds or (3.0 if args.quick else 6.0)
     cases: list[Case] = []
+    cdfs: dict[tuple[str, int], Delays] = {}
     stats_fd = enable_run_stats()
     try:
         with Lab(LAB, NAMESPACES) as lab, tempfile.TemporaryDirectory() as state:
@@ -249,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 for fanout in fanouts:
                     for datapath in DATAPATHS:
-                        c = run_case(lab, probe, datapath, fanout, seconds, state)
+                        c = run_case(lab, probe, datapath, fanout, seconds, state, cdfs)
                         cases.append(c)
                         print(f"  {c.datapath:9} fanout {c.fanout:3}  {c.objects_per_s:7.0f} obj/s"
                               f"  {c.packets_per_s:7.0f} pkt/s  delay p50 {c.delay_p50_us} us p99 {c.delay_p99_us} us"
@@ -257,14 +262,61 @@ def main(args: argparse.Namespace) -> int:
                               f"  kernel share {c.kernel_packet_share}", file=sys.stderr)
     finally:
         os.close(stats_fd)
+    plots = plot(cases, cdfs, Path(args.plots)) if args.plots else []
     if args.write:
-        replace_section(Path(args.write), "moq-datapath", _report(cases, seconds, cap))
+        replace_section(Path(args.write), "moq-datapath", _report(cases, seconds, cap, plots))
     if args.json:
         print(json.dumps({"cases": [asdict(c) for c in cases], "capacity": cap}))
     return 0
 
 
-def _report(cases: list[Case], seconds: float, cap: dict[str, float]) -> str:
+def plot(cases: list[Case], cdfs: dict[tuple[str, int], Delays], out: Path) -> list[Path]:
+    """Delay CDFs per data path and fan-out, relay CPU per packet as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {f: f"C{i}" for i, f in enumerate(sorted({f for _, f in cdfs}))}
+    for (dp, fanout), d in sorted(cdfs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if d.matched:
+            xs, ys = d.cdf()
+            ax.plot([x / 1e3 for x in xs], ys, label=f"{dp}, fan-out {fanout}", color=colours[fanout],
+                    linestyle="-" if dp == "kernel" else "--")
+    ax.set_xscale("log")
+    ax.set_xlabel("one-way packet delay publisher -> subscriber (us, log)")
+    ax.set_ylabel("CDF")
+    ax.set_title("MoQT relay: kernel (solid) vs userspace (dashed) data path")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    cdf_path = out / "moq_datapath_delay_cdf.png"
+    fig.tight_layout()
+    fig.savefig(cdf_path, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fanouts = sorted({c.fanout for c in cases})
+    by = {(c.datapath, c.fanout): c.cpu_us_per_packet or 0 for c in cases}
+    width = 0.38
+    for k, dp in enumerate(DATAPATHS):
+        ax.bar([i + (k - 0.5) * width for i in range(len(fanouts))], [by.get((dp, f), 0) for f in fanouts],
+               width, label=dp)
+    ax.set_xticks(range(len(fanouts)), [str(f) for f in fanouts])
+    ax.set_xlabel("fan-out (subscribers)")
+    ax.set_ylabel("relay CPU per delivered packet (us)")
+    ax.set_title("MoQT relay CPU per packet (processes + BPF run time)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    cpu_path = out / "moq_datapath_cpu.png"
+    fig.tight_layout()
+    fig.savefig(cpu_path, dpi=110)
+    plt.close(fig)
+    return [cdf_path, cpu_path]
+
+
+def _report(cases: list[Case], seconds: float, cap: dict[str, float], plots: list[Path]) -> str:
     rows = [[c.datapath, c.fanout, f"{c.rate:g}", f"{c.objects_per_s:.0f}", f"{c.packets_per_s:.0f}",
              _f(c.delay_p50_us, 1), _f(c.delay_p99_us, 1), _f(c.cpu_us_per_packet, 1), c.lost,
              f"{c.kernel_packet_share:.2f}"] for c in cases]
@@ -289,6 +341,7 @@ def _report(cases: list[Case], seconds: float, cap: dict[str, float]) -> str:
         "- delay: BPF timestamps at the publisher's egress and each subscriber's ingress; relay CPU: the relay"
         " namespace's processes (schedstat) plus the relay's BPF programs' run time (bpf_stats); kernel share:"
         " media packets the kernel sent / all media packets delivered.",
+        *[f"![{p}]({p})" for p in plots],
     ])
 
 

@@ -131,6 +131,8 @@ class _Down:
     pending_stream_bytes: int = 0
     kernel_packets: int = 0
     kernel_bytes: int = 0
+    user_packets: int = 0  # packets aioquic sent on the connection (renumbered by the egress)
+    user_bytes: int = 0
 
 
 @dataclass
@@ -261,6 +263,10 @@ class KernelPath:
             self._up_links.pop(up, None)
             self._up_cids.pop(up, None)
             self.fp.remove_upstream(up)
+            for tid in [t for t, u in self._track_up.items() if u == up]:  # its tracks are over
+                del self._track_up[tid]
+                for key in [k for k, t in self._track_ids.items() if t == tid]:
+                    del self._track_ids[key]
             for key in [k for k in self._mirrors if k[0] == up]:
                 self._mirrors[key].end()
             self._gc_mirrors()
@@ -374,8 +380,9 @@ class KernelPath:
 
     def _remove_down(self, link: QuicLink) -> None:
         down = self._downs.pop(link)
-        log.info("subscriber %s:%d left the kernel path: %d packets (%d bytes) sent by the kernel, %d by userspace",
-                 *down.spec.dst, down.kernel_packets, down.kernel_bytes, self.fp.state(down.slot).renumbered)
+        log.info("subscriber %s:%d left the kernel path: %d packets (%d bytes) sent by the kernel, %d by userspace"
+                 " (%d bytes)", *down.spec.dst, down.kernel_packets, down.kernel_bytes, down.user_packets,
+                 down.user_bytes)
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
         link.stream_allocator = None
@@ -406,6 +413,8 @@ class KernelPath:
                         self.stats.unmatched += 1
                         continue
                     down.ext.renumber(local, ev["pn"])
+                    down.user_packets += 1
+                    down.user_bytes += ev["bytes"]
                     self.stats.renumbered += 1
                 elif kind == EventKind.HANDOVER:
                     self._handover(down, ev)
@@ -706,10 +715,9 @@ class KernelPath:
         return {**{f"kernel_{k}": v for k, v in self.fp.counters().items()},
                 **{f"path_{k}": v for k, v in vars(self.stats).items()}}
 
-    def per_subscriber(self) -> dict[str, tuple[int, int, int]]:
-        """{subscriber address: (packets and bytes the kernel sent, packets userspace sent)}."""
-        return {f"{d.spec.dst[0]}:{d.spec.dst[1]}": (d.kernel_packets, d.kernel_bytes,
-                                                     self.fp.state(d.slot).renumbered)
+    def per_subscriber(self) -> dict[str, tuple[int, int, int, int]]:
+        """{subscriber address: (packets and bytes the kernel sent, packets and bytes userspace sent)}."""
+        return {f"{d.spec.dst[0]}:{d.spec.dst[1]}": (d.kernel_packets, d.kernel_bytes, d.user_packets, d.user_bytes)
                 for d in self._downs.values()}
 
 

@@ -53,7 +53,9 @@ class RelayCollector(Collector):
         for metric, help_text, index in (
                 ("fastrelay_moq_subscriber_kernel_packets", "packets the kernel sent to a subscriber", 0),
                 ("fastrelay_moq_subscriber_kernel_bytes", "UDP payload bytes the kernel sent to a subscriber", 1),
-                ("fastrelay_moq_subscriber_user_packets", "packets userspace sent to a kernel-path subscriber", 2)):
+                ("fastrelay_moq_subscriber_user_packets", "packets userspace sent to a kernel-path subscriber", 2),
+                ("fastrelay_moq_subscriber_user_bytes", "UDP payload bytes userspace sent to a kernel-path subscriber",
+                 3)):
             family = CounterMetricFamily(metric, help_text, labels=["subscriber"])
             for addr, values in per_sub.items():
                 family.add_metric([addr], values[index])
