@@ -45,10 +45,8 @@ from .wire import Writer
 
 log = logging.getLogger("fastrelay.kernel_path")
 
-ABANDONED_RESET_CODE = 0x1  # draft-16 stream reset: INTERNAL_ERROR-class "delivery timeout"-like give-up
+ABANDONED_RESET_CODE = 0x1  # draft-16 data stream reset CANCELLED: the relay gave the subgroup up
 DATAGRAM_STREAM = (1 << 64) - 1
-
-
 MIRROR_GRACE_S = 5.0  # an ended upstream stream's bytes are kept this long for late records
 SKIP_MARGIN = 64 << 10  # bytes beyond the congestion window before new subgroups are skipped
 
