@@ -36,7 +36,7 @@ from ..lab.topology import Lab
 from ..lab.traffic import MAGIC, TAG, PayloadShape, UdpSource
 from ..netns import entered, exec_argv
 from . import udp_fanout
-from .report import replace_section, table
+from .report import delay_cdf_plot, replace_section, table
 
 LAB, PORT, NS, TRACK = "bmq", 4443, "bench", "moq"
 SIZE, GOP = 1000, 30
@@ -277,24 +277,9 @@ def plot(cases: list[Case], cdfs: dict[tuple[str, int], Delays], out: Path) -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {f: f"C{i}" for i, f in enumerate(sorted({f for _, f in cdfs}))}
-    for (dp, fanout), d in sorted(cdfs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if d.matched:
-            xs, ys = d.cdf()
-            ax.plot([x / 1e3 for x in xs], ys, label=f"{dp}, fan-out {fanout}", color=colours[fanout],
-                    linestyle="-" if dp == "kernel" else "--")
-    ax.set_xscale("log")
-    ax.set_xlabel("one-way packet delay publisher -> subscriber (us, log)")
-    ax.set_ylabel("CDF")
-    ax.set_title("MoQT relay: kernel (solid) vs userspace (dashed) data path")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    cdf_path = out / "moq_datapath_delay_cdf.png"
-    fig.tight_layout()
-    fig.savefig(cdf_path, dpi=110)
-    plt.close(fig)
+    cdf_path = delay_cdf_plot(cdfs, "MoQT relay: kernel (solid) vs userspace (dashed) data path",
+                              "one-way packet delay publisher -> subscriber (us, log)",
+                              out / "moq_datapath_delay_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fanouts = sorted({c.fanout for c in cases})

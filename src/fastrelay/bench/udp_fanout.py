@@ -37,7 +37,7 @@ from ..lab.cpu import host_busy_s, netns_cpu_s
 from ..lab.probe import DelayProbe, Delays
 from ..lab.topology import Lab
 from ..netns import exec_argv
-from .report import replace_section, table
+from .report import delay_cdf_plot, replace_section, table
 
 PORT = 5000
 SUB_PORT = 6000
@@ -231,23 +231,8 @@ def plot(cases: list[Case], cdfs: dict[tuple[str, int], Delays], out: Path) -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {f: f"C{i}" for i, f in enumerate(sorted({f for _, f in cdfs}))}
-    for (dp, fanout), d in sorted(cdfs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        xs, ys = d.cdf()
-        ax.plot([x / 1e3 for x in xs], ys, label=f"{dp}, fan-out {fanout}", color=colours[fanout],
-                linestyle="-" if dp == "kernel" else "--")
-    ax.set_xscale("log")
-    ax.set_xlabel("one-way delay publisher -> subscriber (us, log)")
-    ax.set_ylabel("CDF")
-    ax.set_title("UDP fan-out delay at equal offered load")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    cdf_path = out / "udp_fanout_delay_cdf.png"
-    fig.tight_layout()
-    fig.savefig(cdf_path, dpi=110)
-    plt.close(fig)
+    cdf_path = delay_cdf_plot(cdfs, "UDP fan-out delay at equal offered load",
+                              "one-way delay publisher -> subscriber (us, log)", out / "udp_fanout_delay_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for dp in ("kernel", "userspace"):
