@@ -311,3 +311,15 @@ def test_connection_id_changes_follow_both_sides(rig):
     assert got["udp_ok"] and int.from_bytes(got["payload"][9:11], "big") == rig.fp.state(slot).next_pn - 1
     rig.fp.remove_conn(slot)
     assert rig.fp.map_entries()["dcid"] == 0
+
+
+def test_a_stopped_stream_gets_nothing_more_from_the_kernel(rig):
+    """Userspace resets a kernel stream (subscription gone, paused): it first stops it in the
+    map, so a clone already on its way adds no byte past the final size."""
+    slot = rig.add_sub(0, alias=9, next_stream=3)
+    rig.send(short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, 0) + b"\x00\x01a")))
+    assert len(rig.received(0, 1)) == 1
+    rig.fp.stop_stream(slot, rig.up, 2)
+    rig.send(short_packet(UP_CID, 2, stream_frame(2, 6, b"\x00\x01b")))
+    assert rig.received(0, 0, timeout=0.2) == []
+    assert rig.fp.dstream(slot, rig.up, 2).state == StreamState.ABANDONED

@@ -331,12 +331,12 @@ class MoqFastPath:
                 st = self._dstream.lookup(key)
         return st
 
-    def set_stream_limit(self, slot: int, up: int, stream: int, limit: int) -> None:
-        """The subscriber raised MAX_STREAM_DATA on a kernel-forwarded stream."""
+    def stop_stream(self, slot: int, up: int, stream: int) -> None:
+        """The kernel sends no more of this stream to `slot` (userspace is about to reset it)."""
         key = abi.MoqStreamKey(conn=slot, up=up, stream=stream)
         ds = self._dstream.lookup(key)
-        if ds is not None and limit > ds.limit:
-            ds.limit = limit
+        if ds is not None and ds.state == StreamState.FORWARD:
+            ds.state = StreamState.ABANDONED
             self._dstream.update(key, ds)
 
     def map_entries(self) -> dict[str, int]:

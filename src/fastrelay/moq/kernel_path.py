@@ -120,6 +120,7 @@ class _Down:
     claimed: dict[tuple[int, int], str | None] = field(default_factory=dict)  # (up, up stream) -> owns()
     open_streams: dict[int, dict[int, int]] = field(default_factory=dict)  # track -> {down stream: next offset}
     registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
+    upstream_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # down stream -> (up, up stream)
     fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
     expendable: set[int] = field(default_factory=set)  # kernel streams of low-priority subgroups
     cids: set[bytes] = field(default_factory=set)  # the peer's connection ids known to the kernel
@@ -245,8 +246,11 @@ class KernelPath:
             return
         self.fp.unsubscribe(down.slot, tid)
         del down.tracks[tid]
-        self.drain()
         unfinished = down.open_streams.pop(tid, {})
+        for sid in unfinished:  # a clone already on its way must not add to a stream being reset
+            if sid in down.upstream_of:
+                self.fp.stop_stream(down.slot, *down.upstream_of[sid])
+        self.drain()
         if unfinished and not down.link.closed.done():
             self._register_for_reset(down, set(unfinished))
             for sid in unfinished:
@@ -443,6 +447,7 @@ class KernelPath:
                 except ValueError:
                     continue  # a late duplicate for a stream that is over and forgotten
                 down.registered[sid] = RangeSet()
+                down.upstream_of[sid] = (up, up_stream)
                 entry = self.fp.dstream(down.slot, up, up_stream)
                 if entry is not None and entry.priority > self.protect_priority:
                     down.expendable.add(sid)
@@ -658,6 +663,7 @@ class KernelPath:
             for sid in [sid for sid in down.fins if not internals.is_stream_open(down.link.quic, sid)]:
                 down.fins.discard(sid)  # delivered and discarded by aioquic: forget it
                 down.registered.pop(sid, None)
+                down.upstream_of.pop(sid, None)
                 down.expendable.discard(sid)
 
     def _publish(self, down: _Down) -> None:
