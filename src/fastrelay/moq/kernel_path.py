@@ -29,7 +29,6 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -41,7 +40,7 @@ from ..quic import internals
 from ..quic.link import QuicLink
 from ..quic.registration import ExternalSender, SentStreamFrame
 from .fastpath import ConnSpec, EventKind, MoqFastPath, StreamState, Take
-from .wire import Writer
+from .wire import Writer, varint_size
 
 log = logging.getLogger("fastrelay.kernel_path")
 
@@ -177,7 +176,6 @@ class KernelPath:
         self._seq = itertools.count()
         self._touched: set[_Down] = set()  # connections with registrations not transmitted yet
         self._timer = None
-        self.transmit: Callable[[QuicLink], None] = lambda link: link.transmit()
 
     # ---- wiring
     def attach_link(self, link: QuicLink) -> None:
@@ -519,7 +517,7 @@ class KernelPath:
         self._gc_mirrors()
         touched, self._touched = self._touched, set()
         for down in touched:
-            self.transmit(down.link)
+            down.link.transmit()
 
     def _register(self, p: _Pending, frames: list[SentStreamFrame]) -> None:
         """Register one kernel packet. Bytes it carried a second time (the publisher re-sent
@@ -586,7 +584,7 @@ class KernelPath:
                     return None
                 t = _varint_len(mirror.data[0])
                 alias = p.down.aliases.get(p.track, 0)
-                p.need = length - (len(Writer().varint(alias).buf) - _varint_len(mirror.data[t]))
+                p.need = length - (varint_size(alias) - _varint_len(mirror.data[t]))
                 if have < p.need:
                     return None
                 data = rewrite_alias(bytes(mirror.data[:p.need]), alias)
