@@ -53,8 +53,11 @@ def test_slow_subscriber_skips_ahead_and_does_not_hold_back_the_other(tmp_path):
                 if p.poll() is None:
                     p.terminate()
                     p.wait(10)
-    # (a bound well above what a momentary stall of this 2-core machine piles up for the fast one)
-    assert fast["objects"] == sent["objects"] and fast["duplicates"] == 0
+    # the fast one may join a group or two after the slow one started the upstream subscription: from the
+    # group it joined on it gets every object, once
+    assert fast["first_group"] <= 5, fast
+    assert fast["objects"] == sent["objects"] - fast["first_group"] * GOP, (sent, fast)
+    assert fast["lost"] == 0 and fast["duplicates"] == 0 and fast["bad"] == 0, fast
     assert 0 < slow["objects"] < sent["objects"] and slow["duplicates"] == 0
     assert dropped > 0  # the relay skipped groups for the slow one instead of buffering them
     last = (sent["objects"] - 1) // GOP
