@@ -165,6 +165,26 @@ def test_an_ack_that_overtakes_the_registration_is_held_and_applied():
     assert_settled(pair, k)
 
 
+def test_the_allocation_probe_is_asked_only_when_an_ack_names_numbers_beyond_what_is_known():
+    pair = Pair()
+    k = Kernel(pair)
+    k.auto_drain = False
+    pair.before_server_input = None  # no report before input: the probe is the only source
+    asked = []
+    k.ext.allocation_probe = lambda: asked.append(k.next) or k.next
+    k.ext.open_stream(3)
+    pn = k.send(SentStreamFrame(3, 0, b"early", True))
+    pair.run(8)  # the ACK overtakes the record: the probe says the number was handed out
+    assert asked == [pn + 1]
+    k.drain()
+    assert pn not in internals.sent_packet_numbers(pair.server)  # held, applied at registration
+    pn = k.send(SentStreamFrame(3, 5, b"", True))
+    k.drain()
+    pair.run(8)  # an ACK of registered numbers only: not asked again
+    assert len(asked) == 1
+    assert pn not in internals.sent_packet_numbers(pair.server)
+
+
 def test_a_held_ack_samples_rtt_only_if_its_packet_was_the_largest_acknowledged():
     pair = Pair()
     k = Kernel(pair)

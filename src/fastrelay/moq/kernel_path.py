@@ -175,6 +175,7 @@ class KernelPath:
         self._waiting: dict[tuple[int, int], list[tuple[int, int, _Pending]]] = {}
         self._seq = itertools.count()
         self._touched: set[_Down] = set()  # connections with registrations not transmitted yet
+        self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
 
     # ---- wiring
@@ -187,6 +188,7 @@ class KernelPath:
         """Drain and publish on a timer too (records of idle connections, timers of aioquic)."""
         def tick() -> None:
             self.drain()
+            self._gc_mirrors()
             self._publish_all()
             self._timer = loop.call_later(self.TICK_S, tick)
         self._timer = loop.call_later(self.TICK_S, tick)
@@ -364,6 +366,7 @@ class KernelPath:
                                 next_stream=quic.get_next_available_stream_id(is_unidirectional=True),
                                 budget=ext.budget(), credit=credit)
         down = _Down(link, ext, slot, spec)
+        ext.allocation_probe = lambda: self.fp.state(slot).next_pn
         self._downs[link] = down
         self._slots[slot] = down
         self._refresh_cids(down)
@@ -390,6 +393,7 @@ class KernelPath:
             self._waiting[key] = [w for w in waiters if w[2].down is not down]
             heapq.heapify(self._waiting[key])
         self._touched.discard(down)
+        self._continuing.discard(down)
         self.stats.connections -= 1
 
     # ---- records
@@ -423,12 +427,9 @@ class KernelPath:
         self._flush()
 
     def _before_input(self, link: QuicLink) -> None:
-        """Before a datagram reaches aioquic: every record applied, and an ACK in it for a
-        number the kernel handed out but whose record is not read yet will be held."""
+        """Before a datagram reaches aioquic: every record applied (an ACK in it for a number the
+        kernel handed out whose packet is not registered yet is held: the allocation probe)."""
         self.drain()
-        down = self._downs.get(link)
-        if down is not None:
-            down.ext.allocated_below(self.fp.state(down.slot).next_pn)
 
     def _sent(self, down: _Down, ev: dict) -> None:
         n = ev["nframes"]
@@ -476,10 +477,12 @@ class KernelPath:
             if ds is not None:
                 ds.dropped += 1
             down.continuations[(up, up_stream)] = _Continuation(sid, 0, -1)
+            self._continuing.add(down)
         else:
             ds_entry = self.fp.dstream(down.slot, up, up_stream)
             delta = ds_entry.delta if ds_entry is not None else 0
             down.continuations[(up, up_stream)] = _Continuation(sid, delta, up_off)
+            self._continuing.add(down)
         self._mirrors.setdefault((up, up_stream), _Mirror()).users += 1
 
     def _try_register(self, p: _Pending) -> None:
@@ -510,11 +513,12 @@ class KernelPath:
             p.down.pending_stream_bytes -= sum(f[2] for f in p.frames)
 
     def _flush(self) -> None:
-        """Continue handed-over streams, forget old mirrors, send what registrations released."""
-        for down in list(self._downs.values()):
-            if down.continuations and self._continue(down):
+        """Continue handed-over streams, send what registrations released."""
+        for down in list(self._continuing):
+            if self._continue(down):
                 self._touched.add(down)
-        self._gc_mirrors()
+            if not down.continuations or down.link not in self._downs:
+                self._continuing.discard(down)
         touched, self._touched = self._touched, set()
         for down in touched:
             down.link.transmit()

@@ -12,7 +12,7 @@ after any other aioquic call (a registration can acknowledge or lose packets, an
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import NamedTuple
@@ -58,6 +58,9 @@ class ExternalSender:
         self._unnumbered: dict[int, QuicSentPacket] = {}  # aioquic's packets by local number
         self._placeholders: dict[int, RangeSet] = {}  # per stream: gaps below bytes registered ahead
         self._skipped = RangeSet()  # stream indexes (id // 4) open_stream passed over
+        self.allocation_probe: Callable[[], int] | None = None
+        """If set, asked for the kernel's next wire number when an ACK names a number at or above
+        every one known to be handed out (cheaper than calling allocated_below before each input)."""
         internals.intercept_one_rtt_sent(quic, self._take)
         internals.observe_one_rtt_acks(quic, self._on_ack)
 
@@ -197,6 +200,8 @@ class ExternalSender:
 
     def _on_ack(self, ranges: RangeSet, ack_delay: float, now: float) -> None:
         largest = ranges.bounds().stop - 1
+        if largest >= self._allocated and self.allocation_probe is not None:
+            self.allocated_below(self.allocation_probe())
         for r in ranges:
             for pn in self._unregistered(max(r.start, self._first), min(r.stop, self._allocated)):
                 self._held.setdefault(pn, _HeldAck(now, ack_delay, largest))
