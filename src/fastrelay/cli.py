@@ -224,7 +224,7 @@ def _kernel_path(args: argparse.Namespace, url):
     privileges.require()
     names = args.interface or [name for _, name in socket.if_nameindex() if name != "lo"]
     return KernelPath(url.port, [socket.if_nametoindex(n) for n in names],
-                      protect_priority=args.protect_priority)
+                      protect_priority=args.protect_priority, absorb_acks=not args.pass_acks)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -333,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
                    help="kernel data path: attach here (repeatable; default every interface but lo)")
     r.add_argument("--protect-priority", type=int, default=64, metavar="P",
                    help="kernel data path: under congestion, new subgroups with a priority value above P are skipped")
+    r.add_argument("--pass-acks", action="store_true",
+                   help="kernel data path: subscribers' ACK-only packets go up to the socket (default: the kernel"
+                        " reads them and hands their ACKs over as records)")
     r.add_argument("--insecure-plaintext", action="store_true",
                    help="offer QUIC without packet protection (only peers offering it too use it); INSECURE")
     r.set_defaults(fn=_relay)

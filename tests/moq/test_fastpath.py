@@ -92,7 +92,8 @@ class Rig:
         self.lab = lab
         with entered(lab.relay_ns):
             idx = {link.relay_ifname: socket.if_nametoindex(link.relay_ifname) for link in lab.links}
-            self.fp = MoqFastPath(PORT, ingress=[idx["pub0"]], egress=[idx[s.relay_ifname] for s in lab.subscribers])
+            subs = [idx[s.relay_ifname] for s in lab.subscribers]
+            self.fp = MoqFastPath(PORT, ingress=[idx["pub0"], *subs], egress=subs)
             self.relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.relay_sock.bind(("0.0.0.0", PORT))
         self.relay_sock.settimeout(2)
@@ -106,11 +107,13 @@ class Rig:
         self.idx = idx
 
     def add_sub(self, i: int, alias: int, *, next_stream: int, budget: int = 1 << 20, credit: int = 1 << 20,
-                max_stream: int = 4 * 100 + 3, window: int = 1 << 20, protect: int = 0) -> int:
+                max_stream: int = 4 * 100 + 3, window: int = 1 << 20, protect: int = 0,
+                absorb_acks: bool = False) -> int:
         link = self.lab.subscribers[i]
         spec = ConnSpec(ifindex=self.idx[link.relay_ifname], src_mac=link.relay_mac, dst_mac=link.mac,
                         src=(link.relay_ipv4, PORT), dst=(link.ipv4, SUB_PORT), dcid=bytes([0xA0 + i]) * 8,
-                        max_stream=max_stream, stream_window=window, protect_priority=protect)
+                        max_stream=max_stream, stream_window=window, protect_priority=protect,
+                        absorb_acks=absorb_acks)
         slot = self.fp.add_conn(spec, next_pn=1000 * (i + 1), next_stream=next_stream, budget=budget, credit=credit)
         self.fp.subscribe(slot, TRACK, alias)
         self.slots.append(slot)
@@ -287,8 +290,8 @@ def test_removing_a_connection_frees_its_entries(rig):
     rig.fp.remove_conn(slot)
     rig.fp.stream_ended(rig.up, 2)
     rig.fp.remove_upstream(rig.up)
-    assert rig.fp.map_entries() == {"up": 0, "alias": 0, "ustream": 0, "dsub": 0, "dcid": 0, "dstream": 0,
-                                    "conns": 0, "tracks": 0}
+    assert rig.fp.map_entries() == {"up": 0, "alias": 0, "ustream": 0, "dsub": 0, "dcid": 0, "hcid": 0,
+                                    "dstream": 0, "conns": 0, "tracks": 0}
 
 
 def test_connection_id_changes_follow_both_sides(rig):
@@ -323,3 +326,61 @@ def test_a_stopped_stream_gets_nothing_more_from_the_kernel(rig):
     rig.send(short_packet(UP_CID, 2, stream_frame(2, 6, b"\x00\x01b")))
     assert rig.received(0, 0, timeout=0.2) == []
     assert rig.fp.dstream(slot, rig.up, 2).state == StreamState.ABANDONED
+
+
+def ack_frame(largest: int, delay: int, ranges: list[tuple[int, int]], ecn: bool = False) -> bytes:
+    """ACK frame: `ranges` as (gap, length) pairs after a first range of 2 below `largest`."""
+    out = bytes([0x03 if ecn else 0x02]) + varint(largest) + varint(delay) + varint(len(ranges)) + varint(2)
+    for gap, length in ranges:
+        out += varint(gap) + varint(length)
+    return out + (varint(0) * 3 if ecn else b"")
+
+
+def test_a_subscribers_ack_only_packets_become_records_and_everything_else_goes_up(rig):
+    slot = rig.add_sub(1, alias=9, next_stream=3, absorb_acks=True)
+    host = bytes.fromhex("c1c1c1c1c1c1c1c1")
+    rig.fp.host_cid(slot, host)
+    rig.fp.drain()
+    link = rig.lab.subscribers[1]
+    with entered(link.netns):
+        sub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sub.bind((link.ipv4, SUB_PORT))
+        other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other_port.bind((link.ipv4, SUB_PORT + 1))
+    try:
+        # largest 1000, ranges 998..1000, 990..995 (gap 2 below 998: 996, 997 missing), 980..985
+        absorbed = short_packet(host, 0x1234, ack_frame(1000, 77, [(1, 5), (3, 5)]) + bytes(20))
+        sub.sendto(absorbed, (link.relay_ipv4, PORT))
+        goes_up = [
+            short_packet(host, 2, ack_frame(1000, 1, []) + b"\x01"),             # + PING: ack-eliciting
+            short_packet(host, 3, ack_frame(1000, 1, [], ecn=True)),             # ECN counts
+            short_packet(host, 4, ack_frame(5, 1, [(9, 1)])),                    # a range below zero
+            short_packet(bytes(8), 5, ack_frame(1000, 1, [])),                   # another connection id
+            bytes([0x45]) + host + (6).to_bytes(2, "big") + ack_frame(1000, 1, []) + TAG,  # key phase 1
+            short_packet(host, 7, ack_frame(1000, 1, []))[:-1] + b"\x01",        # not identity protection
+            short_packet(host, 8, ack_frame(1000, 1, [(0, 0)] * 16)),            # more ranges than a record holds
+        ]
+        for p in goes_up:
+            sub.sendto(p, (link.relay_ipv4, PORT))
+            assert rig.relay_sock.recvfrom(4096)[0] == p
+        other_port.sendto(absorbed, (link.relay_ipv4, PORT))                     # not the validated address
+        assert rig.relay_sock.recvfrom(4096)[0] == absorbed
+        rig.relay_sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            rig.relay_sock.recvfrom(4096)                                        # the absorbed one never came up
+        rig.relay_sock.settimeout(2)
+        records = [r for r in rig.fp.drain() if r["kind"] == EventKind.ACKED]
+        assert len(records) == 1
+        r = records[0]
+        assert (r["slot"], r["pn"], r["group"], r["local_pn"], r["nframes"]) == (slot, 1000, 77, 0x1234, 3)
+        assert [(int(f["offset"]), int(f["stream"])) for f in r["frames"][:3]] == [(998, 1000), (990, 995),
+                                                                                    (980, 985)]
+        assert rig.fp.counters()["acks_absorbed"] == 1
+        rig.fp.host_cid(slot, None)                                              # no current id: nothing absorbed
+        sub.sendto(absorbed, (link.relay_ipv4, PORT))
+        assert rig.relay_sock.recvfrom(4096)[0] == absorbed
+    finally:
+        sub.close()
+        other_port.close()
+        rig.fp.remove_conn(slot)
+        rig.slots.remove(slot)

@@ -46,11 +46,22 @@ class Relay:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def published(self, timeout: float = 20) -> None:
+        """Wait until a publisher's namespace is known to the relay (subscribing earlier is refused)."""
+        deadline = time.monotonic() + timeout
+        while "publishes namespace" not in self.log:
+            assert self.proc.poll() is None and time.monotonic() < deadline, f"no publisher: {self.log}"
+            time.sleep(0.05)
+
     def kernel_lines(self) -> list[tuple[int, int]]:
         """(packets by the kernel, packets by userspace) of each subscriber that left the kernel path."""
         found = re.findall(r"left the kernel path: (\d+) packets \(\d+ bytes\) sent by the kernel, (\d+) by",
                            self.log)
         return [(int(k), int(u)) for k, u in found]
+
+    def acks_read(self) -> list[int]:
+        """How many ACK-only packets the kernel read for each subscriber that left the kernel path."""
+        return [int(n) for n in re.findall(r"(\d+) of its ACK-only packets read by the kernel", self.log)]
 
 
 @contextmanager
@@ -126,7 +137,7 @@ def test_every_object_reaches_every_subscriber_through_the_kernel(lab, tmp_path,
     rate = min(RATE, 1600 // fanout)
     with relay(lab, tmp_path) as r:
         pub = publisher(lab, rate=rate)
-        time.sleep(0.3)
+        r.published()
         split = [fanout - fanout // 2, fanout // 2]
         subs = [subscribers(lab, i, n) for i, n in enumerate(split) if n]
         sent = last_json(pub)
@@ -145,15 +156,34 @@ def test_every_object_reaches_every_subscriber_through_the_kernel(lab, tmp_path,
     assert m['fastrelay_moq_kernel_packets_total{counter="err"}'] == 0
     # every subscriber connection was served by the kernel, userspace sent it only control and repairs
     assert len(per_sub) == fanout and all(k > u for k, u in per_sub), per_sub
+    # and the kernel read their ACK-only packets (the relay's sockets did not)
+    acks = r.acks_read()
+    print("kernel packets and ACK-only packets read per subscriber:", list(zip(per_sub, acks, strict=True)))
+    assert len(acks) == fanout and all(a > 0 for a in acks), acks
+    assert m['fastrelay_moq_kernel_packets_total{counter="acks_absorbed"}'] >= sum(acks)
+
+
+def test_with_pass_acks_the_subscribers_acks_reach_the_socket_and_nothing_changes(lab, tmp_path):
+    with relay(lab, tmp_path, "--pass-acks") as r:
+        pub = publisher(lab, rate=100)
+        r.published()
+        subs = [subscribers(lab, 0, 1), subscribers(lab, 1, 1)]
+        sent = last_json(pub)
+        results = [s for p in subs for s in last_json(p)]
+        m = metrics(lab)
+    for summary in results:
+        assert_complete(summary, sent["objects"])
+    assert r.acks_read() == [0, 0] and m['fastrelay_moq_kernel_packets_total{counter="acks_absorbed"}'] == 0
+    assert all(k > u for k, u in r.kernel_lines()), r.kernel_lines()
 
 
 def test_loss_on_one_link_is_repaired_and_the_others_are_unaffected(lab, tmp_path):
     lossy = lab.subscribers[0]
     loss = impair.RandomLoss(lossy.netns, lossy.ifname, 0.05)
     try:
-        with relay(lab, tmp_path):
+        with relay(lab, tmp_path) as r:
             pub = publisher(lab)
-            time.sleep(0.3)
+            r.published()
             subs = [subscribers(lab, 0, 1), subscribers(lab, 1, 2)]
             sent = last_json(pub)
             (bad_link,), others = (last_json(p) for p in subs)
@@ -170,7 +200,7 @@ def test_loss_on_one_link_is_repaired_and_the_others_are_unaffected(lab, tmp_pat
 def test_kill_9_leaves_no_kernel_state(lab, tmp_path):
     with relay(lab, tmp_path) as r:
         pub = publisher(lab, seconds=2)
-        time.sleep(0.3)
+        r.published()
         sub = subscribers(lab, 0, 2, seconds=4)
         time.sleep(1.5)
         r.proc.send_signal(signal.SIGKILL)
@@ -193,7 +223,7 @@ def test_ffmpeg_h264_through_the_kernel_decodes(lab, tmp_path):
         pub = subprocess.Popen(exec_argv(lab.publisher.netns, fr(
             "publish", f"moqt://{lab.publisher.relay_ipv4}:{PORT}", "-N", "live", "-T", "cam", "--source", "testsrc",
             "--duration", "3", "--wait", "10", "--insecure-plaintext")), stdout=subprocess.PIPE, text=True)
-        time.sleep(0.3)
+        r.published()
         link = lab.subscribers[0]
         sub = subprocess.Popen(exec_argv(link.netns, fr(
             "subscribe", f"moqt://{link.relay_ipv4}:{PORT}", "-N", "live", "-T", "cam", "--out", str(out),

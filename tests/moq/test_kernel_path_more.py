@@ -146,9 +146,9 @@ def test_rate_limited_subscriber_loses_only_low_priority_subgroups(lab, tmp_path
     slow = lab.subscribers[1]
     impair.rate_limit(lab.relay_ns, slow.relay_ifname, "1mbit")
     try:
-        with relay(lab, tmp_path):
+        with relay(lab, tmp_path) as r:
             pub = publisher(lab, seconds=seconds, rate=rate)
-            time.sleep(0.3)
+            r.published()
             fast_proc = subscribers(lab, 0, 1)
             slow_proc = subscriber_objects(lab, 1, seconds + 8)
             sent = last_json(pub)
@@ -183,7 +183,7 @@ def test_join_leave_churn_keeps_the_steady_subscriber_whole_and_leaves_no_map_en
     rate, seconds, sessions = 50, 14, 100
     with relay(lab, tmp_path) as r:
         pub = publisher(lab, seconds=seconds, rate=rate)
-        time.sleep(0.3)
+        r.published()
         steady_proc = subscribers(lab, 0, 1, seconds=seconds + 8)
         time.sleep(0.5)
         churners = [churn(lab, i, sessions // 2, 0.5, 0.15) for i in (1, 2)]
@@ -221,7 +221,7 @@ def test_standard_crypto_and_plaintext_subscribers_side_by_side(lab, tmp_path):
     seconds = 4
     with relay(lab, tmp_path) as r:
         pub = publisher(lab, seconds=seconds)
-        time.sleep(0.3)
+        r.published()
         plain = subscribers(lab, 0, 2)
         crypto = subscribers(lab, 1, 1, plaintext=False)
         other = aiomoqt_subscriber(lab, 2, seconds)
@@ -252,7 +252,7 @@ def test_ipv6(lab, tmp_path):
             "publish", f"moqt://[{lab.publisher.relay_ipv6}]:{PORT}", "-N", "live", "-T", "v", "--source", "synthetic",
             "--fps", str(rate), "--object-size", str(SIZE), "--gop", str(GOP), "--duration", str(seconds),
             "--wait", "10", "--insecure-plaintext")), stdout=subprocess.PIPE, text=True)
-        time.sleep(0.3)
+        r.published()
         subs = [subprocess.Popen(exec_argv(link.netns, [
             sys.executable, "-m", "fastrelay.lab.moq_load", f"moqt://[{link.relay_ipv6}]:{PORT}", "-N", "live",
             "-T", "v", "--subscribers", "2", "--verify", "--duration", str(seconds + 8), "--insecure-plaintext"]),

@@ -81,6 +81,7 @@ class Pair:
         self.qlog = scfg.quic_logger
         self.egress: Callable[[bytes], bytes | None] | None = None
         self.before_server_input: Callable[[], None] | None = None
+        self.server_filter: Callable[[bytes], bool] | None = None  # False: the datagram is taken away
         self.to_client: list[bytes] = []
         self.to_server: list[bytes] = []
         self.received: dict[int, bytes] = {}  # the client application's stream bytes
@@ -108,6 +109,8 @@ class Pair:
         for d in to_server:
             if self.before_server_input:
                 self.before_server_input()
+            if self.server_filter and not self.server_filter(d):
+                continue
             self.server.receive_datagram(d, CLIENT_ADDR, self.now)
         for conn in (self.client, self.server):
             timer = conn.get_timer()
@@ -259,6 +262,7 @@ def test_connection_facts_for_the_kernel_path():
     server, client = pair.server, pair.client
     cids = internals.host_cids(server)
     assert internals.peer_cid(client) in cids and all(len(c) == 8 for c in cids)
+    assert internals.host_cid(server) == internals.peer_cid(client)  # the one the client addresses now
     assert internals.peer_max_stream_data_uni(server) == client.configuration.max_stream_data
     assert 1200 <= internals.max_datagram_size(server) <= 1500
 

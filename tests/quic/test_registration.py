@@ -5,6 +5,8 @@ packets aioquic builds, and queues one record per packet for userspace to regist
 import os
 
 import pytest
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import pull_ack_frame
 
 from fastrelay.quic import internals
 from fastrelay.quic.registration import ExternalSender, SentStreamFrame
@@ -163,6 +165,50 @@ def test_an_ack_that_overtakes_the_registration_is_held_and_applied():
     pair.run(200)  # a second: long past any loss timer
     assert pair.server_events("recovery:packet_lost") == [] and pair.stream_frames_sent(3) == []
     assert_settled(pair, k)
+
+
+def test_acks_read_outside_aioquic_work_like_the_ones_it_parses():
+    """What the ingress does with a subscriber's ACK-only packets: the relay's aioquic never sees
+    them, their ACKs are applied from records and the packets are recorded as received."""
+    pair = Pair()
+    k = Kernel(pair)
+    absorbed: list[int] = []
+
+    def absorb(datagram: bytes) -> bool:
+        crypto = internals.one_rtt_crypto(pair.server).recv
+        space_largest = max(absorbed, default=0)
+        _, payload, pn, _ = crypto.decrypt_packet(datagram, 1 + len(pair.server.host_cid), space_largest + 1)
+        buf = Buffer(data=payload)
+        if buf.pull_uint_var() != 0x02:
+            return True
+        ranges, delay = pull_ack_frame(buf)
+        if any(payload[buf.tell():]):
+            return True  # more than ACK and PADDING: aioquic reads it
+        k.before_input()
+        k.ext.acknowledge(ranges, internals.ack_delay_seconds(pair.server, delay), pair.now)
+        assert internals.note_received(pair.server, pn & 0xFFFF, pair.now)
+        assert not internals.note_received(pair.server, pn & 0xFFFF, pair.now)  # a duplicate
+        absorbed.append(pn)
+        return False
+
+    rtt = internals.smoothed_rtt(pair.server)
+    pair.server_filter = absorb
+    k.ext.open_stream(3)
+    data = os.urandom(4500)
+    for frame in chunks(3, data):
+        k.send(frame, age=0.02)
+    pair.run(10)
+    assert absorbed and pair.received[3] == data
+    assert_settled(pair, k)
+    assert internals.smoothed_rtt(pair.server) > rtt + 0.002  # RTT samples from the records
+    assert pair.stream_frames_sent(3) == [] and pair.server_events("recovery:packet_lost") == []
+    # the absorbed packets are acknowledged in the relay's next ACK, as packets it received
+    pair.client.send_ping(1)
+    pair.collect()
+    pair.run(3)
+    acked = [r for p in pair.server_events("transport:packet_sent") for f in p["frames"]
+             if f["frame_type"] == "ack" for r in f["acked_ranges"]]
+    assert all(any(lo <= pn <= hi for lo, hi in acked) for pn in absorbed), (absorbed, acked)
 
 
 def test_the_allocation_probe_is_asked_only_when_an_ack_names_numbers_beyond_what_is_known():

@@ -107,6 +107,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FR_MOQ_MAX_CONNS);
+	__type(key, struct fr_moq_cid);
+	__type(value, struct fr_moq_slot);
+} fr_moq_hcid SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct fr_moq_stream_key);
 	__type(value, struct fr_moq_dstream);
@@ -147,6 +154,8 @@ struct pframe {
 };
 
 struct scratch {
+	__u64 ack_lo[FR_MOQ_MAX_FRAMES];   /* an absorbed ACK's ranges (smallest, largest) */
+	__u64 ack_hi[FR_MOQ_MAX_FRAMES];
 	__u32 armed;                 /* 1 + slot of the clone in flight, 0 otherwise */
 	__u32 track;                 /* its track */
 	__u32 up;                    /* upstream connection of the packet */
@@ -176,6 +185,14 @@ static __always_inline void count_n(__u32 idx, __u64 n)
 static __always_inline void count(__u32 idx)
 {
 	count_n(idx, 1);
+}
+
+/* Records the control plane reads before its next input anyway wake nobody, unless the ring is
+ * filling up; an absorbed ACK wakes the reader (its loss recovery is waiting for it). */
+#define RB_WAKE_AT (1 << 21)
+static __always_inline __u64 rb_lazy(void)
+{
+	return bpf_ringbuf_query(&fr_moq_events, BPF_RB_AVAIL_DATA) > RB_WAKE_AT ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 /* ---------------------------------------------------------------- QUIC varints */
@@ -551,6 +568,145 @@ static long clone_one(__u32 i, void *data)
 	return 0;
 }
 
+/* ---------------------------------------------------------------- ingress: a subscriber's ACK-only packet */
+struct ack_ctx {
+	struct scratch *s;
+	__u32 off;
+	__u32 end;
+	__u32 n;                     /* ranges read (the first one included) */
+	__u32 count;                 /* ranges the frame has */
+	__u8 err;
+};
+
+/* One more ACK Range (Gap, ACK Range Length) below the last one read. */
+static long ack_range(__u32 i, void *data)
+{
+	struct ack_ctx *c = data;
+	struct scratch *s = c->s;
+	__u64 gap, len, lo;
+	__u32 prev;
+	int n;
+
+	if (c->n >= c->count)
+		return 1;
+	n = get_varint(s->in, c->off, c->end, &gap);
+	if (n < 0)
+		goto bad;
+	c->off += n;
+	n = get_varint(s->in, c->off, c->end, &len);
+	if (n < 0)
+		goto bad;
+	c->off += n;
+	prev = BOUNDED(c->n - 1, FR_MOQ_MAX_FRAMES - 1);
+	lo = s->ack_lo[prev];
+	if (gap + 2 > lo || len > lo - gap - 2)    /* below packet number 0: a malformed frame */
+		goto bad;
+	s->ack_hi[BOUNDED(c->n, FR_MOQ_MAX_FRAMES - 1)] = lo - gap - 2;
+	s->ack_lo[BOUNDED(c->n, FR_MOQ_MAX_FRAMES - 1)] = lo - gap - 2 - len;
+	c->n++;
+	return 0;
+bad:
+	c->err = 1;
+	return 1;
+}
+
+/* A 1-RTT packet to the relay's current connection id on a kernel-path subscriber connection,
+ * from that subscriber's validated address, holding one ACK frame and nothing but PADDING:
+ * the ACK goes to userspace as a record (applied to the connection's loss recovery without
+ * the packet climbing the stack) and the packet is dropped. Anything else goes up untouched. */
+static __always_inline int absorb_ack(struct __sk_buff *skb, struct fr_udp_pkt *p, __u32 plen, __u8 first,
+				      struct fr_moq_cid *cid)
+{
+	struct fr_moq_slot *hs;
+	struct fr_moq_conn *conn;
+	struct fr_moq_event *ev;
+	struct scratch *s;
+	struct ack_ctx ac = {};
+	__u64 largest, delay, nranges, first_range, pn;
+	__u32 zero = 0, off, slot, i;
+	int n;
+
+	hs = bpf_map_lookup_elem(&fr_moq_hcid, cid);
+	if (!hs)
+		return TC_ACT_UNSPEC;
+	slot = hs->slot;
+	conn = bpf_map_lookup_elem(&fr_moq_conns, &slot);
+	if (!conn || !conn->gen || conn->gen != hs->gen || !conn->absorb_acks)
+		return TC_ACT_UNSPEC;
+	if (p->family != conn->family || p->sport != conn->dst_port || __builtin_memcmp(p->saddr, conn->dst_ip, 16))
+		return TC_ACT_UNSPEC;                     /* another path: aioquic validates it */
+	if ((first & 0x1f) != 0x01 || plen > FR_MOQ_ACK_MAX_PAYLOAD || skb->gso_segs > 1)
+		return TC_ACT_UNSPEC;                     /* key update, reserved bits, long numbers, big */
+	s = bpf_map_lookup_elem(&fr_moq_scratch, &zero);
+	if (!s || bpf_skb_load_bytes(skb, p->l4_off + sizeof(struct udphdr), s->in, plen & 0xff))
+		return TC_ACT_UNSPEC;
+	if (*(__u64 *)&s->in[BOUNDED(plen - FR_MOQ_TAG_LEN, 0xff)] || *(__u64 *)&s->in[BOUNDED(plen - 8, 0xff)])
+		return TC_ACT_UNSPEC;                     /* not identity protection */
+	ac.s = s;
+	ac.end = plen - FR_MOQ_TAG_LEN;
+	off = SHORT_HDR_LEN;
+	if (off >= ac.end || s->in[off] != 0x02)      /* ACK (ACK_ECN carries counts: it goes up) */
+		return TC_ACT_UNSPEC;
+	off++;
+	n = get_varint(s->in, off, ac.end, &largest);
+	if (n < 0)
+		return TC_ACT_UNSPEC;
+	off += n;
+	n = get_varint(s->in, off, ac.end, &delay);
+	if (n < 0)
+		return TC_ACT_UNSPEC;
+	off += n;
+	n = get_varint(s->in, off, ac.end, &nranges);
+	if (n < 0 || nranges >= FR_MOQ_MAX_FRAMES)
+		return TC_ACT_UNSPEC;
+	off += n;
+	n = get_varint(s->in, off, ac.end, &first_range);
+	if (n < 0 || first_range > largest)
+		return TC_ACT_UNSPEC;
+	off += n;
+	s->ack_hi[0] = largest;
+	s->ack_lo[0] = largest - first_range;
+	ac.off = off;
+	ac.n = 1;
+	ac.count = nranges + 1;
+	bpf_loop(FR_MOQ_MAX_FRAMES, ack_range, &ac, 0);
+	if (ac.err || ac.n != ac.count)
+		return TC_ACT_UNSPEC;
+	for (i = 0; i < FR_MOQ_ACK_MAX_PAYLOAD; i++) {    /* the rest must be PADDING */
+		if (ac.off + i >= ac.end)
+			break;
+		if (s->in[BOUNDED(ac.off + i, 0xff)])
+			return TC_ACT_UNSPEC;
+	}
+	pn = ((__u64)s->in[1 + FR_MOQ_CID_LEN] << 8) | s->in[2 + FR_MOQ_CID_LEN];
+
+	ev = bpf_ringbuf_reserve(&fr_moq_events, sizeof(*ev), 0);
+	if (!ev) {
+		count(FR_MQ_RINGBUF_FULL);
+		return TC_ACT_UNSPEC;                     /* aioquic reads it the slow way */
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->kind = FR_MOQ_EV_ACKED;
+	ev->slot = slot;
+	ev->gen = hs->gen;
+	ev->bytes = plen;
+	ev->pn = largest;
+	ev->group = delay;
+	ev->local_pn = pn;
+	ev->time_ns = bpf_ktime_get_ns();
+	ev->nframes = ac.n;
+#pragma unroll
+	for (i = 0; i < FR_MOQ_MAX_FRAMES; i++) {
+		if (i < ac.n) {
+			ev->frames[i].stream = s->ack_hi[i];
+			ev->frames[i].offset = s->ack_lo[i];
+		}
+	}
+	bpf_ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);
+	count(FR_MQ_ACKS_ABSORBED);
+	return TC_ACT_SHOT;
+}
+
 SEC("tc")
 int fr_moq_ingress(struct __sk_buff *skb)
 {
@@ -581,7 +737,7 @@ int fr_moq_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	up = bpf_map_lookup_elem(&fr_moq_up, &cid);
 	if (!up)
-		return TC_ACT_UNSPEC;
+		return absorb_ack(skb, &p, plen, first, &cid);
 	count(FR_MQ_RX);
 	if (p.family != up->family || p.sport != up->peer_port ||
 	    __builtin_memcmp(p.saddr, up->peer_ip, 16)) {
@@ -699,7 +855,7 @@ static __always_inline void handover(struct build_ctx *c, struct pframe *f, stru
 	ev->frames[0].up_stream = f->stream;
 	ev->frames[0].up_offset = f->offset;
 	ev->frames[0].offset = f->offset ? f->offset + ds->delta : 0;
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rb_lazy());
 }
 
 /* A new subgroup for this subscriber: open a stream for it, or skip it whole. */
@@ -1005,7 +1161,7 @@ static __always_inline int build_clone(struct __sk_buff *skb, struct scratch *s,
 	ev->time_ns = bpf_ktime_get_ns();
 	ev->track = s->track;
 	ev->up = s->up;
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rb_lazy());
 	count(FR_MQ_SENT);
 	count_n(FR_MQ_SENT_BYTES, len);
 	return TC_ACT_OK;
@@ -1017,7 +1173,7 @@ err:
 	ev->gen = c.conn->gen;
 	ev->pn = pn;
 	ev->time_ns = bpf_ktime_get_ns();
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rb_lazy());
 	count(FR_MQ_ERR);
 	return TC_ACT_SHOT;
 }
@@ -1081,7 +1237,7 @@ static __always_inline int renumber(struct __sk_buff *skb, struct fr_moq_config 
 	ev->pn = pn;
 	ev->local_pn = local;
 	ev->time_ns = bpf_ktime_get_ns();
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rb_lazy());
 	__sync_fetch_and_add(&st->renumbered, 1);
 	count(FR_MQ_RENUMBERED);
 	return TC_ACT_UNSPEC;
@@ -1091,7 +1247,7 @@ err:
 	ev->slot = slot;
 	ev->gen = sl->gen;
 	ev->pn = pn;
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rb_lazy());
 	count(FR_MQ_ERR);
 	return TC_ACT_SHOT;
 }

@@ -152,6 +152,8 @@ class MoqConn(ctypes.Structure):
         ("max_stream", u64),
         ("stream_window", u64),
         ("skip_below", s64),
+        ("absorb_acks", u8),
+        ("pad2", u8 * 7),
     ]
 
 

@@ -79,6 +79,7 @@ LAYOUTS: dict[str, Layouts] = {
         "fr_moq_conns": MapLayout(_u32, abi.MoqConn),
         "fr_moq_state": MapLayout(_u32, abi.MoqState),
         "fr_moq_dcid": MapLayout(abi.MoqCid, abi.MoqSlot),
+        "fr_moq_hcid": MapLayout(abi.MoqCid, abi.MoqSlot),
         "fr_moq_dstream": MapLayout(abi.MoqStreamKey, abi.MoqDstream),
         "fr_moq_stats": MapLayout(_u32, ctypes.c_uint64),
         "fr_moq_events": RingLayout(abi.MoqEvent, "fr_moq_event"),

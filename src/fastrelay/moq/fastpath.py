@@ -45,6 +45,7 @@ class EventKind(enum.IntEnum):
     SENT = 1
     RENUMBERED = 2
     HANDOVER = 3
+    ACKED = 4
 
 
 class StreamState(enum.IntEnum):
@@ -70,6 +71,7 @@ class ConnSpec:
     max_payload: int = 1200
     protect_priority: int = 0     # under congestion, subgroups with a larger priority value are dropped
     skip_below: int = 1           # congestion: the budget under which the kernel stops sending
+    absorb_acks: bool = False     # the peer's ACK-only packets become ACKED records (to its host_cid)
 
 
 def _ip_bytes(ip: str) -> bytes:
@@ -114,6 +116,7 @@ class MoqFastPath:
             self._conns = o.map("fr_moq_conns")
             self._state = o.map("fr_moq_state")
             self._dcid = o.map("fr_moq_dcid")
+            self._hcid = o.map("fr_moq_hcid")
             self._dstream = o.map("fr_moq_dstream")
             self._stats = o.map("fr_moq_stats")
             self._events = o.ringbuf("fr_moq_events")
@@ -137,6 +140,7 @@ class MoqFastPath:
         self.conns: dict[int, ConnSpec] = {}
         self._slot_gen: dict[int, int] = {}
         self._peer_cids: dict[int, set[bytes]] = {}  # slot -> the peer's connection ids in fr_moq_dcid
+        self._host_cid: dict[int, bytes] = {}  # slot -> the relay's connection id in fr_moq_hcid
         self.track_sets: dict[int, list[int]] = {}
         self._subs: dict[int, set[int]] = {}  # slot -> tracks
         self._ups: dict[int, bytes] = {}  # up id -> cid
@@ -242,6 +246,16 @@ class MoqFastPath:
             self._dcid.update(self._cid(cid), abi.MoqSlot(slot=slot, gen=self._slot_gen[slot]))
         self._peer_cids[slot] = set(cids)
 
+    def host_cid(self, slot: int, cid: bytes | None) -> None:
+        """The relay's connection id the peer currently addresses on connection `slot` (None: none);
+        only ACK-only packets to it are absorbed (a switch to another id goes up to aioquic)."""
+        old = self._host_cid.pop(slot, None)
+        if old is not None and old != cid:
+            self._hcid.delete(self._cid(old))
+        if cid is not None:
+            self._hcid.update(self._cid(cid), abi.MoqSlot(slot=slot, gen=self._slot_gen[slot]))
+            self._host_cid[slot] = cid
+
     def _conn_value(self, spec: ConnSpec, gen: int) -> abi.MoqConn:
         u8x16 = ctypes.c_uint8 * 16
         return abi.MoqConn(gen=gen, ifindex=spec.ifindex, dst_mac=(ctypes.c_uint8 * 6)(*_mac(spec.dst_mac)),
@@ -250,7 +264,8 @@ class MoqFastPath:
                            protect_priority=spec.protect_priority, max_payload=spec.max_payload,
                            dst_ip=u8x16(*_ip_bytes(spec.dst[0])), src_ip=u8x16(*_ip_bytes(spec.src[0])),
                            dcid=(ctypes.c_uint8 * abi.FR_MOQ_CID_LEN)(*spec.dcid), max_stream=spec.max_stream,
-                           stream_window=spec.stream_window, skip_below=spec.skip_below)
+                           stream_window=spec.stream_window, skip_below=spec.skip_below,
+                           absorb_acks=int(spec.absorb_acks))
 
     def remove_conn(self, slot: int) -> None:
         """Take a connection out of the kernel path and free every entry it had."""
@@ -262,6 +277,7 @@ class MoqFastPath:
         self._conns.update(slot, abi.MoqConn())  # gen 0: clones in flight are dropped
         for cid in self._peer_cids.pop(slot, ()):
             self._dcid.delete(self._cid(cid))
+        self.host_cid(slot, None)
         for key in _keys(self._dstream):
             if key.conn == slot:
                 self._dstream.delete(key)
@@ -342,7 +358,7 @@ class MoqFastPath:
     def map_entries(self) -> dict[str, int]:
         """How many entries each per-connection/per-stream map holds (leak checks)."""
         maps = {"up": self._up, "alias": self._alias, "ustream": self._ustream, "dsub": self._dsub,
-                "dcid": self._dcid, "dstream": self._dstream}
+                "dcid": self._dcid, "hcid": self._hcid, "dstream": self._dstream}
         counts = {name: len(_keys(m)) for name, m in maps.items()}
         counts["conns"] = sum(1 for slot in range(abi.FR_MOQ_MAX_CONNS) if self._conns.lookup(slot).gen)
         counts["tracks"] = len(self.track_sets)
@@ -350,6 +366,7 @@ class MoqFastPath:
 
     # ---- records and counters
     def fileno(self) -> int:
+        """Readable when the programs woke readers (an absorbed ACK, a filling ring)."""
         return self._events.fileno()
 
     def drain(self, budget: int = RING_BUDGET) -> np.ndarray:

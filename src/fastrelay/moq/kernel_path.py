@@ -123,6 +123,7 @@ class _Down:
     fins: set[int] = field(default_factory=set)  # down streams whose FIN is registered
     expendable: set[int] = field(default_factory=set)  # kernel streams of low-priority subgroups
     cids: set[bytes] = field(default_factory=set)  # the peer's connection ids known to the kernel
+    host_cid: bytes = b""  # the relay's id the kernel absorbs this peer's ACK-only packets on
     published: tuple[int, int] = (-1, -1)
     pending: int = 0  # kernel packets waiting for their upstream bytes before registration
     pending_bytes: int = 0
@@ -131,6 +132,7 @@ class _Down:
     kernel_bytes: int = 0
     user_packets: int = 0  # packets aioquic sent on the connection (renumbered by the egress)
     user_bytes: int = 0
+    acks_absorbed: int = 0  # the peer's ACK-only packets read from kernel records
 
 
 @dataclass
@@ -145,6 +147,7 @@ class KernelStats:
     shed: int = 0                  # finished low-priority kernel streams reset for a congested subscriber
     connections: int = 0           # subscriber connections on the kernel path now
     refused: int = 0               # connections that stayed on the userspace path
+    acks_absorbed: int = 0         # subscribers' ACK-only packets applied from kernel records
 
 
 class KernelPath:
@@ -153,10 +156,12 @@ class KernelPath:
     TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
     PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
 
-    def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0) -> None:
+    def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
+                 absorb_acks: bool = True) -> None:
         self.fp = MoqFastPath(port, ingress=interfaces, egress=interfaces)
         self.port = port
         self.protect_priority = protect_priority
+        self.absorb_acks = absorb_acks
         # pyroute2's synchronous API refuses to run inside an event loop: netlink work goes to
         # a thread of its own (next-hop look-ups take a millisecond or two)
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="fastrelay-netlink")
@@ -177,6 +182,7 @@ class KernelPath:
         self._touched: set[_Down] = set()  # connections with registrations not transmitted yet
         self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
+        self._loop = None
 
     # ---- wiring
     def attach_link(self, link: QuicLink) -> None:
@@ -185,17 +191,23 @@ class KernelPath:
         link.after_input = self._after_input
 
     def start(self, loop) -> None:
-        """Drain and publish on a timer too (records of idle connections, timers of aioquic)."""
+        """Drain when the kernel wakes us (an absorbed ACK, a filling ring), and drain and publish
+        on a timer too (records of idle connections, timers of aioquic)."""
         def tick() -> None:
             self.drain()
             self._gc_mirrors()
             self._publish_all()
             self._timer = loop.call_later(self.TICK_S, tick)
         self._timer = loop.call_later(self.TICK_S, tick)
+        loop.add_reader(self.fp.fileno(), self.drain)
+        self._loop = loop
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(self.fp.fileno())
+            self._loop = None
         for link in list(self._downs):
             self._remove_down(link)
         for up in list(self._up_links):
@@ -361,7 +373,7 @@ class KernelPath:
                         stream_window=internals.peer_max_stream_data_uni(quic),
                         max_payload=min(internals.max_datagram_size(quic), hop.mtu - 48),
                         protect_priority=self.protect_priority,
-                        skip_below=_skip_below(internals.congestion_window(quic)))
+                        skip_below=_skip_below(internals.congestion_window(quic)), absorb_acks=self.absorb_acks)
         slot = self.fp.add_conn(spec, next_pn=ext.first_packet_number,
                                 next_stream=quic.get_next_available_stream_id(is_unidirectional=True),
                                 budget=ext.budget(), credit=credit)
@@ -384,8 +396,8 @@ class KernelPath:
     def _remove_down(self, link: QuicLink) -> None:
         down = self._downs.pop(link)
         log.info("subscriber %s:%d left the kernel path: %d packets (%d bytes) sent by the kernel, %d by userspace"
-                 " (%d bytes)", *down.spec.dst, down.kernel_packets, down.kernel_bytes, down.user_packets,
-                 down.user_bytes)
+                 " (%d bytes); %d of its ACK-only packets read by the kernel", *down.spec.dst, down.kernel_packets,
+                 down.kernel_bytes, down.user_packets, down.user_bytes, down.acks_absorbed)
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
         link.stream_allocator = None
@@ -399,6 +411,7 @@ class KernelPath:
     # ---- records
     def drain(self) -> None:
         """Apply every record the kernel wrote (called before any datagram is processed)."""
+        acks: dict[_Down, list] = {}
         while True:
             events = self.fp.drain()
             names = events.dtype.names[2:]  # after the ring-buffer header
@@ -409,7 +422,9 @@ class KernelPath:
                 if down is None or down.spec is None:
                     self.stats.unmatched += 1
                     continue
-                if kind == EventKind.SENT:
+                if kind == EventKind.ACKED:
+                    self._absorbed(down, ev, acks)
+                elif kind == EventKind.SENT:
                     self._sent(down, ev)
                 elif kind == EventKind.RENUMBERED:
                     local = down.ext.awaiting(ev["local_pn"])
@@ -424,7 +439,30 @@ class KernelPath:
                     self._handover(down, ev)
             if len(events) < MoqFastPath.RING_BUDGET:
                 break
+        for down, (ranges, _largest, delay, at) in acks.items():
+            # one application per connection and drain: as if the peer had sent only its latest ACK
+            down.ext.acknowledge(ranges, internals.ack_delay_seconds(down.link.quic, delay), at)
+            self._touched.add(down)
         self._flush()
+        for down in acks:
+            if down.link in self._downs:
+                self._publish(down)
+
+    def _absorbed(self, down: _Down, ev: dict, acks: dict[_Down, list]) -> None:
+        """An ACK-only packet of the subscriber, read by the kernel: the packet counts as received,
+        its ACK ranges join this drain's acknowledgement of the connection."""
+        at = ev["time_ns"] / 1e9
+        if not internals.note_received(down.link.quic, ev["local_pn"], at):
+            return  # a duplicate
+        down.acks_absorbed += 1
+        self.stats.acks_absorbed += 1
+        entry = acks.get(down)
+        if entry is None:
+            entry = acks[down] = [RangeSet(), -1, 0, at]
+        for hi, lo, *_ in ev["frames"][:ev["nframes"]].tolist():
+            entry[0].add(lo, hi + 1)
+        if ev["pn"] >= entry[1]:
+            entry[1:] = [ev["pn"], ev["group"], at]
 
     def _before_input(self, link: QuicLink) -> None:
         """Before a datagram reaches aioquic: every record applied (an ACK in it for a number the
@@ -704,6 +742,10 @@ class KernelPath:
         if current != down.spec.dcid and current in cids:
             down.spec = replace(down.spec, dcid=current)
             self.fp.update_conn(down.slot, down.spec)
+        host = internals.host_cid(quic)
+        if host != down.host_cid and len(host) == abi.FR_MOQ_CID_LEN:
+            self.fp.host_cid(down.slot, host)
+            down.host_cid = host
 
     def _shed(self, down: _Down) -> None:
         """A congested subscriber: reset the low-priority subgroups the kernel has finished

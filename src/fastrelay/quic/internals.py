@@ -11,9 +11,10 @@ from collections.abc import Callable
 from aioquic import tls
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import decode_packet_number
 from aioquic.quic.packet_builder import QuicDeliveryHandler, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
-from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketRecovery, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 
 
@@ -259,7 +260,40 @@ def apply_ack(quic: QuicConnection, ranges: RangeSet, ack_delay: float, now: flo
                                        space=_one_rtt_space(quic))
 
 
+def ack_delay_seconds(quic: QuicConnection, encoded: int) -> float:
+    """An ACK frame's ACK Delay field of the peer, in seconds (its ack_delay_exponent applied)."""
+    return (encoded << quic._remote_ack_delay_exponent) / 1e6
+
+
+def note_received(quic: QuicConnection, truncated_pn: int, now: float) -> bool:
+    """Record a 1-RTT packet of the peer that carried only ACK and PADDING frames and was read
+    outside aioquic (its 16-bit number `truncated_pn`, arrived at `now`), as aioquic records a
+    packet it received: the idle timer restarts and the number is acknowledged in our next ACK
+    (nothing is acknowledged sooner: it is not ack-eliciting). False for a duplicate."""
+    space = _one_rtt_space(quic)
+    if space.discarded:
+        return False
+    pn = decode_packet_number(truncated_pn, 16, space.largest_received_packet + 1)
+    if pn in space.received_packets:
+        return False
+    quic._close_at = now + quic._idle_timeout()
+    quic._ack_eliciting_sent_since_receipt = False
+    if pn > space.largest_received_packet:
+        space.largest_received_packet = pn
+        space.largest_received_time = now
+    space.ack_queue.add(pn)
+    space.received_packets.add(pn)
+    if len(space.ack_queue) > MAX_ACK_RANGES:
+        space.ack_queue.shift()
+    return True
+
+
 # ---- what the kernel data path needs to know of a connection (moq/kernel_path.py)
+
+def host_cid(quic: QuicConnection) -> bytes:
+    """The connection id of this endpoint the peer currently addresses its packets to."""
+    return quic.host_cid
+
 
 def host_cids(quic: QuicConnection) -> set[bytes]:
     """This endpoint's connection ids the peer may address packets to (not retired)."""

@@ -142,6 +142,12 @@ class ExternalSender:
         mask = (1 << bits) - 1
         return min((pn for pn in self._unnumbered if pn & mask == truncated), default=None)
 
+    def acknowledge(self, ranges: RangeSet, ack_delay: float, now: float) -> None:
+        """An ACK frame of the peer read outside aioquic (`ack_delay` in seconds, arrived at `now`):
+        applied exactly as aioquic applies one it parsed (numbers not registered yet are held)."""
+        self._on_ack(ranges, ack_delay, now)
+        internals.apply_ack(self._quic, ranges, ack_delay, now)
+
     def allocated_below(self, next_packet_number: int) -> None:
         """The kernel has handed out every wire number below `next_packet_number`: ACKs for those not
         registered yet are held until they are (ACKs of higher unknown numbers are ignored, as aioquic

@@ -158,7 +158,8 @@ enum fr_drop_counter {
 #define FR_MOQ_TAG_LEN 16            /* identity AEAD: 16 zero bytes */
 #define FR_MOQ_BUF 2048              /* scratch buffers; power of two (indices are masked) */
 #define FR_MOQ_MAX_PAYLOAD 1472      /* largest UDP payload handled in the kernel */
-#define FR_MOQ_MAX_FRAMES 16         /* media frames per packet */
+#define FR_MOQ_MAX_FRAMES 16         /* media frames per packet; ranges per absorbed ACK */
+#define FR_MOQ_ACK_MAX_PAYLOAD 128   /* larger ACK-only packets go up to userspace */
 #define FR_MOQ_MAX_TRACKS 4          /* distinct tracks per packet */
 #define FR_MOQ_MAX_SUBS 256          /* kernel-path subscribers per track */
 #define FR_MOQ_MAX_CONNS 4096        /* downstream connection slots */
@@ -255,6 +256,8 @@ struct fr_moq_conn {
 	__u64 max_stream;            /* first server-unidirectional stream id the peer does not allow */
 	__u64 stream_window;         /* peer's initial MAX_STREAM_DATA for our unidirectional streams */
 	__s64 skip_below;            /* congestion: budget under which the kernel stops sending (see the egress) */
+	__u8 absorb_acks;            /* ACK-only packets from the peer become ACKED records (see the ingress) */
+	__u8 pad2[7];
 };
 
 /* fr_moq_state[slot]: counters shared by kernel and userspace, changed only atomically
@@ -269,7 +272,9 @@ struct fr_moq_state {
 	__u64 renumbered;            /* userspace packets renumbered */
 };
 
-/* fr_moq_dcid: the peer's connection id -> downstream slot (renumbering userspace packets) */
+/* fr_moq_dcid: the peer's connection id -> downstream slot (renumbering userspace packets);
+ * fr_moq_hcid: the relay's current connection id on a downstream connection -> its slot
+ * (absorbing the peer's ACK-only packets) */
 struct fr_moq_slot {
 	__u32 slot;
 	__u32 gen;
@@ -316,6 +321,10 @@ enum fr_moq_event_kind {
 	FR_MOQ_EV_SENT = 1,          /* a kernel-built packet left: register it */
 	FR_MOQ_EV_RENUMBERED,        /* a userspace packet left with number pn (was local_pn) */
 	FR_MOQ_EV_HANDOVER,          /* stream handed to userspace (state, frames[0]: streams, offset) */
+	FR_MOQ_EV_ACKED,             /* an ACK-only packet of the peer, absorbed: pn = largest acknowledged,
+				      * group = ACK Delay field (unscaled), local_pn = the packet's own
+				      * 16-bit number, nframes ACK ranges with frames[i].offset = smallest
+				      * and frames[i].stream = largest (highest range first), time_ns = arrival */
 };
 
 struct fr_moq_frame_rec {
@@ -367,6 +376,7 @@ enum fr_moq_counter {
 	FR_MQ_CLONE_DROPPED,         /* clones the egress dropped (nothing for that subscriber) or that failed */
 	FR_MQ_ERR,                   /* helper failures */
 	FR_MQ_RINGBUF_FULL,          /* packet not sent: its record could not be reserved */
+	FR_MQ_ACKS_ABSORBED,         /* ACK-only packets of kernel-path subscribers turned into records */
 	FR_MQ_MAX,
 };
 
