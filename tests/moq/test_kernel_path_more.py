@@ -168,10 +168,13 @@ def test_rate_limited_subscriber_loses_only_low_priority_subgroups(lab, tmp_path
     # subgroups (never holes: duplicates and bad payloads are zero) ...
     assert m['fastrelay_moq_kernel_packets_total{counter="skip_congestion"}'] > 0, m
     assert deps < 0.8, (keys, deps, got)
-    # ... while the keyframe subgroups kept arriving, to the live edge. Not all of them: before
-    # the window fills, the kernel sends everything and the TBF queue drops some of it, and a
-    # keyframe lost then may still be in retransmission when the subscriber stops.
-    assert keys >= 0.85 and keys > deps + 0.3, (keys, deps, got)
+    # ... while every keyframe subgroup arrived, to the live edge
+    # (a keyframe lost at the TBF queue is re-sent by aioquic; the kernel's low-priority subgroups
+    # yield the congestion window to it: repair holds)
+    missing = [g for g in groups if (g, 0) not in received]
+    print("dependent share", deps, "keyframes missing in groups", missing, "repair holds",
+          m['fastrelay_moq_kernel_path_events_total{event="repair_holds"}'])
+    assert not missing, (keys, deps, missing, got)
     assert got["last_group"] >= last - 2, got
 
 

@@ -287,9 +287,13 @@ def test_stream_acked_after_the_peer_acknowledged_everything_or_a_reset():
     other = sid + 4
     server.send_stream_data(other, b"y" * 3000)
     assert not internals.stream_acked(server, sid)
+    assert internals.stream_data_waiting(server, sid) and internals.stream_data_waiting(server, other)
     pair.collect()
     pair.run(10)
     assert not internals.is_stream_open(server, sid) or internals.stream_acked(server, sid)
     assert not internals.stream_acked(server, other)  # no FIN yet
+    assert not internals.stream_data_waiting(server, other)  # all sent
+    server.send_stream_data(other, b"z")
+    assert internals.stream_data_waiting(server, other)
     server.reset_stream(other, 1)
-    assert internals.stream_acked(server, other)
+    assert internals.stream_acked(server, other) and not internals.stream_data_waiting(server, other)

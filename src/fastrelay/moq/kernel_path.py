@@ -148,6 +148,7 @@ class KernelStats:
     connections: int = 0           # subscriber connections on the kernel path now
     refused: int = 0               # connections that stayed on the userspace path
     acks_absorbed: int = 0         # subscribers' ACK-only packets applied from kernel records
+    repair_holds: int = 0          # budgets published low so a protected subgroup's repair gets the window
 
 
 class KernelPath:
@@ -712,6 +713,11 @@ class KernelPath:
         if down.link.closed.done():
             return
         budget = internals.congestion_budget(down.link.quic) - down.pending_bytes  # negative: overshoot
+        if budget <= 0 and self._repair_waiting(down):
+            # aioquic holds lost bytes of a protected subgroup it cannot re-send while the kernel
+            # fills the window: low-priority subgroups yield until the repair is out
+            budget = min(budget, down.spec.skip_below - 1)
+            self.stats.repair_holds += 1
         credit, max_uni = down.ext.flow_credit()
         credit -= down.pending_stream_bytes
         last_budget, last_credit = down.published
@@ -729,6 +735,12 @@ class KernelPath:
         if 4 * max_uni + 3 != down.spec.max_stream or abs(skip - down.spec.skip_below) > -skip // 4:
             down.spec = replace(down.spec, max_stream=4 * max_uni + 3, skip_below=skip)
             self.fp.update_conn(down.slot, down.spec)
+
+    def _repair_waiting(self, down: _Down) -> bool:
+        """A protected kernel stream (not expendable) has bytes aioquic must re-send."""
+        quic = down.link.quic
+        return any(sid not in down.expendable and internals.stream_data_waiting(quic, sid)
+                   for sid in down.registered)
 
     def _refresh_cids(self, down: _Down) -> None:
         """Follow the peer's connection ids: every one the relay may use is renumbered by the

@@ -49,6 +49,15 @@ class RelayCollector(Collector):
         for name, value in counters.items():
             kernel.add_metric([name], value)
         yield kernel
+        path = CounterMetricFamily("fastrelay_moq_kernel_path_events",
+                                   "the relay's side of the kernel path: registrations, absorbed ACKs, repairs, resets",
+                                   labels=["event"])
+        for name, value in vars(self.kernel.stats).items():
+            if name != "connections":
+                path.add_metric([name], value)
+        yield path
+        yield GaugeMetricFamily("fastrelay_moq_kernel_path_connections", "subscriber connections on the kernel path",
+                                value=self.kernel.stats.connections)
         per_sub = self.kernel.per_subscriber()
         for metric, help_text, index in (
                 ("fastrelay_moq_subscriber_kernel_packets", "packets the kernel sent to a subscriber", 0),

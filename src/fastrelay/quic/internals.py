@@ -324,6 +324,12 @@ def is_closing(quic: QuicConnection) -> bool:
     return quic._state in END_STATES
 
 
+def stream_data_waiting(quic: QuicConnection, stream_id: int) -> bool:
+    """An open send stream has bytes or a FIN queued (new or to re-send) and is not reset."""
+    stream = quic._streams.get(stream_id)
+    return stream is not None and not stream.sender.buffer_is_empty and stream.sender._reset_error_code is None
+
+
 def congestion_budget(quic: QuicConnection) -> int:
     """Congestion window minus bytes in flight; negative when more is in flight than the window."""
     return quic._loss.congestion_window - quic._loss.bytes_in_flight
