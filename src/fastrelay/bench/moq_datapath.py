@@ -45,6 +45,10 @@ FANOUTS, QUICK_FANOUTS = (1, 8, 32, 128), (1, 8)
 NAMESPACES = 4  # subscriber namespaces the sessions are spread over
 KERNEL_PROGRAMS = {"fr_moq_ingress", "fr_moq_egress"}
 DATAPATHS = ("kernel", "userspace")
+# relay arguments per data path label; kernel-pass-acks: the kernel path with the subscribers'
+# ACK-only packets climbing to the socket (what reading them in the kernel saves)
+RELAY_ARGS = {"kernel": ["--datapath", "kernel"], "userspace": ["--datapath", "userspace"],
+              "kernel-pass-acks": ["--datapath", "kernel", "--pass-acks"]}
 CAPACITY_FANOUT = 4
 
 
@@ -81,7 +85,7 @@ def run_case(lab: Lab, probe: DelayProbe, datapath: str, fanout: int, seconds: f
     log = Path(state, f"relay-{datapath}-{fanout}.log")
     with open(log, "w") as out:
         relay = subprocess.Popen(exec_argv(lab.relay_ns, _fr(
-            "relay", f"moqt://0.0.0.0:{PORT}", "--datapath", datapath, "--insecure-plaintext", "--drafts", "16",
+            "relay", f"moqt://0.0.0.0:{PORT}", *RELAY_ARGS[datapath], "--insecure-plaintext", "--drafts", "16",
             "--state-dir", state, "--goaway-grace", "0.2")), stdout=subprocess.PIPE, stderr=out, text=True)
     procs: list[subprocess.Popen] = [relay]
     try:
@@ -241,6 +245,12 @@ def main(args: argparse.Namespace) -> int:
     fanouts = [int(x) for x in args.fanouts.split(",")] if args.fanouts else list(
         QUICK_FANOUTS if args.quick else FANOUTS)
     seconds = args.seconds or (3.0 if args.quick else 6.0)
+    datapaths = args.datapaths.split(",") if args.datapaths else list(DATAPATHS)
+    unknown = [d for d in datapaths if d not in RELAY_ARGS]
+    if unknown:
+        print(f"fastrelay: error: unknown data path {', '.join(unknown)} (choose from {', '.join(RELAY_ARGS)})",
+              file=sys.stderr)
+        return 2
     cases: list[Case] = []
     cdfs: dict[tuple[str, int], Delays] = {}
     stats_fd = enable_run_stats()
@@ -253,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
                       f" {cap['moq_kernel']:.0f} copies/s, UDP fan-out {cap['udp_fanout_kernel']:.0f} copies/s",
                       file=sys.stderr)
                 for fanout in fanouts:
-                    for datapath in DATAPATHS:
+                    for datapath in datapaths:
                         c = run_case(lab, probe, datapath, fanout, seconds, state, cdfs)
                         cases.append(c)
                         print(f"  {c.datapath:9} fanout {c.fanout:3}  {c.objects_per_s:7.0f} obj/s"
@@ -277,17 +287,19 @@ def plot(cases: list[Case], cdfs: dict[tuple[str, int], Delays], out: Path) -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cdf_path = delay_cdf_plot(cdfs, "MoQT relay: kernel (solid) vs userspace (dashed) data path",
+    cdf_path = delay_cdf_plot({k: v for k, v in cdfs.items() if k[0] in DATAPATHS},
+                              "MoQT relay: kernel (solid) vs userspace (dashed) data path",
                               "one-way packet delay publisher -> subscriber (us, log)",
                               out / "moq_datapath_delay_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fanouts = sorted({c.fanout for c in cases})
     by = {(c.datapath, c.fanout): c.cpu_us_per_packet or 0 for c in cases}
-    width = 0.38
-    for k, dp in enumerate(DATAPATHS):
-        ax.bar([i + (k - 0.5) * width for i in range(len(fanouts))], [by.get((dp, f), 0) for f in fanouts],
-               width, label=dp)
+    datapaths = list(dict.fromkeys(c.datapath for c in cases))
+    width = 0.8 / len(datapaths)
+    for k, dp in enumerate(datapaths):
+        ax.bar([i + (k - (len(datapaths) - 1) / 2) * width for i in range(len(fanouts))],
+               [by.get((dp, f), 0) for f in fanouts], width, label=dp)
     ax.set_xticks(range(len(fanouts)), [str(f) for f in fanouts])
     ax.set_xlabel("fan-out (subscribers)")
     ax.set_ylabel("relay CPU per delivered packet (us)")
@@ -344,6 +356,10 @@ def ratios(cases: list[Case]) -> list[str]:
                                     ("relay CPU per packet", k.cpu_us_per_packet, u.cpu_us_per_packet, 0.125)):
             if a and b:
                 parts.append(f"{label} kernel/userspace {a / b:.2f} (target <= {target:g})")
+        p = by.get(("kernel-pass-acks", fanout))
+        if p and p.cpu_us_per_packet and k.cpu_us_per_packet:
+            parts.append(f"relay CPU per packet kernel/kernel-pass-acks {k.cpu_us_per_packet / p.cpu_us_per_packet:.2f}"
+                         " (the subscribers' ACK-only packets read by the kernel vs by the socket)")
         out.append(f"fan-out {fanout}: " + "; ".join(parts))
     return out
 
