@@ -128,7 +128,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 23);
+	__uint(max_entries, FR_MOQ_RING_SIZE);
 } fr_moq_events SEC(".maps");
 
 /* ---------------------------------------------------------------- per-CPU scratch */
@@ -189,7 +189,10 @@ static __always_inline void count(__u32 idx)
 
 /* Records the control plane reads before its next input anyway wake nobody, unless the ring is
  * filling up; an absorbed ACK wakes the reader (its loss recovery is waiting for it). */
-#define RB_WAKE_AT (1 << 21)
+#define RB_WAKE_AT (FR_MOQ_RING_SIZE / 16)
+/* Above this much unread, subscribers' ACKs go up through the socket instead: a packet the egress
+ * sent must always find room for its record (without one it could not be registered). */
+#define RB_ACKS_UP_AT (FR_MOQ_RING_SIZE / 8)
 static __always_inline __u64 rb_lazy(void)
 {
 	return bpf_ringbuf_query(&fr_moq_events, BPF_RB_AVAIL_DATA) > RB_WAKE_AT ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
@@ -680,10 +683,14 @@ static __always_inline int absorb_ack(struct __sk_buff *skb, struct fr_udp_pkt *
 	}
 	pn = ((__u64)s->in[1 + FR_MOQ_CID_LEN] << 8) | s->in[2 + FR_MOQ_CID_LEN];
 
+	if (bpf_ringbuf_query(&fr_moq_events, BPF_RB_AVAIL_DATA) > RB_ACKS_UP_AT) {
+		count(FR_MQ_ACKS_PASSED_BUSY);
+		return TC_ACT_UNSPEC;                     /* the relay is behind: aioquic reads it the slow way */
+	}
 	ev = bpf_ringbuf_reserve(&fr_moq_events, sizeof(*ev), 0);
 	if (!ev) {
 		count(FR_MQ_RINGBUF_FULL);
-		return TC_ACT_UNSPEC;                     /* aioquic reads it the slow way */
+		return TC_ACT_UNSPEC;
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->kind = FR_MOQ_EV_ACKED;

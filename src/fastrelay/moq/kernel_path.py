@@ -184,6 +184,7 @@ class KernelPath:
         self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
         self._loop = None
+        self._ring_full = 0
 
     # ---- wiring
     def attach_link(self, link: QuicLink) -> None:
@@ -194,10 +195,14 @@ class KernelPath:
     def start(self, loop) -> None:
         """Drain when the kernel wakes us (an absorbed ACK, a filling ring), and drain and publish
         on a timer too (records of idle connections, timers of aioquic)."""
+        ticks = itertools.count()
+
         def tick() -> None:
             self.drain()
             self._gc_mirrors()
             self._publish_all()
+            if next(ticks) % 20 == 0:
+                self._check_ring()
             self._timer = loop.call_later(self.TICK_S, tick)
         self._timer = loop.call_later(self.TICK_S, tick)
         loop.add_reader(self.fp.fileno(), self.drain)
@@ -769,6 +774,15 @@ class KernelPath:
             if internals.is_stream_open(quic, sid) and not internals.stream_acked(quic, sid):
                 down.link.reset(sid, ABANDONED_RESET_CODE)
                 self.stats.shed += 1
+
+    def _check_ring(self) -> None:
+        """One error line when the kernel could not write records (the relay fell far behind): a
+        packet without its record was not sent, so its stream may stall at that hole."""
+        full = self.fp.counters().get("ringbuf_full", 0)
+        if full > self._ring_full:
+            log.error("kernel ring buffer was full %d times: kernel packets were dropped unsent, their streams may"
+                      " stall (the relay is too slow for this load)", full - self._ring_full)
+            self._ring_full = full
 
     def counters(self) -> dict[str, int]:
         """Kernel counters and this path's own, for metrics."""

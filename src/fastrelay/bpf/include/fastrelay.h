@@ -160,6 +160,7 @@ enum fr_drop_counter {
 #define FR_MOQ_MAX_PAYLOAD 1472      /* largest UDP payload handled in the kernel */
 #define FR_MOQ_MAX_FRAMES 16         /* media frames per packet; ranges per absorbed ACK */
 #define FR_MOQ_ACK_MAX_PAYLOAD 128   /* larger ACK-only packets go up to userspace */
+#define FR_MOQ_RING_SIZE (1 << 25)   /* fr_moq_events: 32 MiB, about 45000 records */
 #define FR_MOQ_MAX_TRACKS 4          /* distinct tracks per packet */
 #define FR_MOQ_MAX_SUBS 256          /* kernel-path subscribers per track */
 #define FR_MOQ_MAX_CONNS 4096        /* downstream connection slots */
@@ -377,6 +378,7 @@ enum fr_moq_counter {
 	FR_MQ_ERR,                   /* helper failures */
 	FR_MQ_RINGBUF_FULL,          /* packet not sent: its record could not be reserved */
 	FR_MQ_ACKS_ABSORBED,         /* ACK-only packets of kernel-path subscribers turned into records */
+	FR_MQ_ACKS_PASSED_BUSY,      /* ... passed up instead: the ring was filling (the relay is behind) */
 	FR_MQ_MAX,
 };
 
