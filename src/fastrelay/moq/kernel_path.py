@@ -136,6 +136,17 @@ class _Down:
 
 
 @dataclass
+class _AckBatch:
+    """The ACK-only packets of one connection read in one drain, applied as one acknowledgement
+    (as if the peer had sent only the one with the largest number)."""
+
+    ranges: RangeSet
+    largest: int = -1
+    delay: int = 0  # that packet's ACK Delay field
+    at: float = 0.0  # and its arrival time
+
+
+@dataclass
 class KernelStats:
     packets: int = 0               # packets the kernel sent to subscribers
     bytes: int = 0
@@ -180,7 +191,7 @@ class KernelPath:
         # (up, up stream) -> heap of (bytes needed, seq, record) waiting for that stream's bytes
         self._waiting: dict[tuple[int, int], list[tuple[int, int, _Pending]]] = {}
         self._seq = itertools.count()
-        self._touched: set[_Down] = set()  # connections with registrations not transmitted yet
+        self._touched: set[_Down] = set()  # connections to transmit on at the end of this drain/input
         self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
         self._loop = None
@@ -417,7 +428,7 @@ class KernelPath:
     # ---- records
     def drain(self) -> None:
         """Apply every record the kernel wrote (called before any datagram is processed)."""
-        acks: dict[_Down, list] = {}
+        acks: dict[_Down, _AckBatch] = {}
         while True:
             events = self.fp.drain()
             names = events.dtype.names[2:]  # after the ring-buffer header
@@ -445,16 +456,15 @@ class KernelPath:
                     self._handover(down, ev)
             if len(events) < MoqFastPath.RING_BUDGET:
                 break
-        for down, (ranges, _largest, delay, at) in acks.items():
-            # one application per connection and drain: as if the peer had sent only its latest ACK
-            down.ext.acknowledge(ranges, internals.ack_delay_seconds(down.link.quic, delay), at)
+        for down, batch in acks.items():
+            down.ext.acknowledge(batch.ranges, internals.ack_delay_seconds(down.link.quic, batch.delay), batch.at)
             self._touched.add(down)
         self._flush()
         for down in acks:
             if down.link in self._downs:
                 self._publish(down)
 
-    def _absorbed(self, down: _Down, ev: dict, acks: dict[_Down, list]) -> None:
+    def _absorbed(self, down: _Down, ev: dict, acks: dict[_Down, _AckBatch]) -> None:
         """An ACK-only packet of the subscriber, read by the kernel: the packet counts as received,
         its ACK ranges join this drain's acknowledgement of the connection."""
         at = ev["time_ns"] / 1e9
@@ -462,13 +472,11 @@ class KernelPath:
             return  # a duplicate
         down.acks_absorbed += 1
         self.stats.acks_absorbed += 1
-        entry = acks.get(down)
-        if entry is None:
-            entry = acks[down] = [RangeSet(), -1, 0, at]
+        batch = acks.setdefault(down, _AckBatch(RangeSet()))
         for hi, lo, *_ in ev["frames"][:ev["nframes"]].tolist():
-            entry[0].add(lo, hi + 1)
-        if ev["pn"] >= entry[1]:
-            entry[1:] = [ev["pn"], ev["group"], at]
+            batch.ranges.add(lo, hi + 1)
+        if ev["pn"] >= batch.largest:
+            batch.largest, batch.delay, batch.at = ev["pn"], ev["group"], at
 
     def _before_input(self, link: QuicLink) -> None:
         """Before a datagram reaches aioquic: every record applied (an ACK in it for a number the
@@ -521,12 +529,11 @@ class KernelPath:
             if ds is not None:
                 ds.dropped += 1
             down.continuations[(up, up_stream)] = _Continuation(sid, 0, -1)
-            self._continuing.add(down)
         else:
             ds_entry = self.fp.dstream(down.slot, up, up_stream)
             delta = ds_entry.delta if ds_entry is not None else 0
             down.continuations[(up, up_stream)] = _Continuation(sid, delta, up_off)
-            self._continuing.add(down)
+        self._continuing.add(down)
         self._mirrors.setdefault((up, up_stream), _Mirror()).users += 1
 
     def _try_register(self, p: _Pending) -> None:
