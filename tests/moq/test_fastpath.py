@@ -250,6 +250,41 @@ def test_stream_that_began_before_the_subscriber_stays_userspace(rig):
     assert rig.fp.dstream(late, rig.up, 2).state == StreamState.NOT_JOINED
 
 
+def test_a_resent_start_opens_nothing_for_a_subscriber_that_missed_packets(rig):
+    """Joined after the stream's first packets, with none of them since: the publisher re-sending
+    the start (its ACKs were late) must not make the kernel begin the stream there, as the
+    bytes that went by in between would be missing from the subscriber's copy for good."""
+    rig.add_sub(0, alias=9, next_stream=3)
+    start = stream_frame(2, 0, subgroup_header(ALIAS, 1, None) + b"\x00\x02ab")
+    rig.send(short_packet(UP_CID, 1, start))
+    rig.send(short_packet(UP_CID, 2, stream_frame(2, 6, b"\x00\x02cd")))
+    late = rig.add_sub(1, alias=9, next_stream=3)
+    rig.send(short_packet(UP_CID, 3, start))            # the re-sent start comes first after the join
+    rig.send(short_packet(UP_CID, 4, stream_frame(2, 10, b"\x00\x02ef")))
+    assert len(rig.received(0, 4)) == 4
+    assert rig.received(1, 0, timeout=0.2) == []
+    assert rig.fp.dstream(late, rig.up, 2).state == StreamState.NOT_JOINED
+    assert rig.fp.state(late).next_stream == 3             # no stream id spent on it
+
+
+def test_an_ended_stream_is_not_opened_again_by_a_late_copy(rig):
+    """A copy of a finished stream's start that arrives late goes up only; its entry is
+    forgotten after a while."""
+    s0 = rig.add_sub(0, alias=9, next_stream=3)
+    start = short_packet(UP_CID, 1, stream_frame(2, 0, subgroup_header(ALIAS, 1, None) + b"\x00\x02ab", fin=True))
+    rig.send(start)
+    assert len(rig.received(0, 1)) == 1
+    rig.fp.stream_ended(rig.up, 2)                       # the relay read the stream to its FIN
+    assert rig.fp.dstream(s0, rig.up, 2) is None
+    assert rig.send(start) == start
+    assert rig.received(0, 0, timeout=0.2) == []
+    assert rig.fp.dstream(s0, rig.up, 2) is None and rig.fp.state(s0).next_stream == 7
+    rig.fp.forget_ended(time.monotonic() - 60)           # not yet
+    assert rig.fp.map_entries()["ustream"] == 1
+    rig.fp.forget_ended(time.monotonic() + 1)
+    assert rig.fp.map_entries()["ustream"] == 0
+
+
 def test_flow_control_hands_the_stream_to_userspace(rig):
     slot = rig.add_sub(0, alias=9, next_stream=3, window=12)
     head = subgroup_header(ALIAS, 1, 0x10)

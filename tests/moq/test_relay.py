@@ -386,3 +386,46 @@ def test_objects_leave_in_the_drafts_priority_order():
     relay_side.window_bytes = 1 << 30
     relay.pump(s2)
     assert [o[2] for o in objects(ev)] == [b"a3", b"a2", b"g2o0", b"g3o0"]
+
+
+def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(caplog):
+    """Another QUIC stream may deliver a subgroup before the SUBSCRIBE_OK naming its track alias:
+    the relay holds it (bounded) and forwards and caches it once the alias is known; what no
+    SUBSCRIBE_OK claims is dropped once none is awaited."""
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    s1, ev1 = connect(relay, Version.DRAFT_16, "s1")
+    s1.session.send(m.Subscribe(s1.session.next_request_id(), NS, TRACK))
+    pub.write(0, 0)                                # before the SUBSCRIBE_OK
+    pub.write(0, 1, fin=True)
+    pub.alias = 77                                 # and a stream on an alias no SUBSCRIBE_OK will name
+    pub.write(5, 0, fin=True)
+    pub.alias = 42
+    assert not objects(ev1) and relay.stats.objects_in == 0
+    assert pub.answer_subscribes() == 1
+    ok = messages(ev1, m.SubscribeOk)[0]
+    assert objects(ev1, ok.track_alias) == [(0, 0, b"g0o0"), (0, 1, b"g0o1")]
+    assert [e for e in ev1 if isinstance(e, StreamEnded)]          # its FIN too
+    assert relay.stats.objects_in == 2
+    assert not next(p for p in relay.peers.values() if p.name == "pub").early
+    pub.write(1, 0)
+    assert objects(ev1, ok.track_alias)[-1] == (1, 0, b"g1o0")
+
+    # the bound: a publisher flooding an alias that is not established yet loses that data
+    relay2 = Relay()
+    pub2 = Publisher(relay2, Version.DRAFT_16)
+    s2, ev2 = connect(relay2, Version.DRAFT_16, "s2")
+    s2.session.send(m.Subscribe(s2.session.next_request_id(), NS, TRACK))
+    for o in range(3):
+        pub2.write(0, o, size=600 << 10)
+    assert "bytes on track aliases not established yet" in caplog.text
+    pub2.answer_subscribes()
+    assert objects(ev2) == [(0, 2, b"g0o2".ljust(600 << 10, b"."))]
+
+
+def test_data_on_an_unknown_alias_without_a_pending_subscribe_is_dropped():
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    pub.write(0, 0, fin=True)
+    publisher = next(p for p in relay.peers.values() if p.name == "pub")
+    assert not publisher.early and relay.stats.objects_in == 0

@@ -150,7 +150,8 @@ struct pframe {
 	__u8 kind;                   /* enum frame_kind */
 	__u8 fin;
 	__u8 priority;
-	__u8 pad[2];
+	__u8 fresh;                  /* the stream's first packet seen (a subscriber may join it here) */
+	__u8 pad;
 };
 
 struct scratch {
@@ -273,6 +274,7 @@ static __always_inline int add_frame(struct parse_ctx *c, __u8 kind, __u64 strea
 	f->fin = fin;
 	f->kind = kind;          /* refined by classify() */
 	f->alias_len = 0;
+	f->fresh = 0;
 	s->nframes++;
 	c->off += len;
 	return 0;
@@ -411,7 +413,8 @@ bad:                             /* unknown frame or inconsistent length: leave 
 
 /*
  * Tie each frame to a track. A stream is learnt at its offset 0 from its SUBGROUP_HEADER;
- * a stream first seen elsewhere (its start was missed or reordered) stays userspace's.
+ * a stream first seen elsewhere (its start was missed or reordered) stays userspace's, and
+ * one that ended stays known as such (a late copy of its start must not open it again).
  */
 static __always_inline void classify(struct scratch *s, struct pframe *f)
 {
@@ -509,7 +512,10 @@ static __always_inline void classify(struct scratch *s, struct pframe *f)
 store:
 	if (us.kind != FR_MOQ_US_SUBGROUP)
 		count(FR_MQ_STREAM_OTHER);
-	bpf_map_update_elem(&fr_moq_ustream, &key, &us, BPF_NOEXIST);
+	/* only the packet that creates the entry is the stream's start for subscribers: a start
+	 * the publisher re-sent comes after packets that subscribers joined since have missed */
+	if (bpf_map_update_elem(&fr_moq_ustream, &key, &us, BPF_NOEXIST) == 0)
+		f->fresh = us.kind == FR_MOQ_US_SUBGROUP;
 }
 
 struct classify_ctx {
@@ -872,7 +878,7 @@ static __always_inline struct fr_moq_dstream *open_stream(struct build_ctx *c, s
 	struct fr_moq_dstream ds = { .limit = c->conn->stream_window, .priority = f->priority };
 	__u64 sid;
 
-	if (f->offset != 0) {
+	if (f->offset != 0 || !f->fresh) {     /* joined after the stream began: userspace's */
 		ds.state = FR_MOQ_DS_NOT_JOINED;
 		count(FR_MQ_NOT_JOINED);
 	} else if (f->priority > c->conn->protect_priority &&

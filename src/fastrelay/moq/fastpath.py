@@ -14,6 +14,8 @@ import enum
 import ipaddress
 import logging
 import socket
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Self
 
@@ -46,6 +48,14 @@ class EventKind(enum.IntEnum):
     RENUMBERED = 2
     HANDOVER = 3
     ACKED = 4
+
+
+class UpstreamKind(enum.IntEnum):
+    """What the kernel learnt about an upstream stream (fr_moq_ustream_kind)."""
+
+    SUBGROUP = 1
+    OTHER = 2
+    ENDED = 3
 
 
 class StreamState(enum.IntEnum):
@@ -145,11 +155,13 @@ class MoqFastPath:
         self._subs: dict[int, set[int]] = {}  # slot -> tracks
         self._ups: dict[int, bytes] = {}  # up id -> cid
         self._aliases: dict[int, set[int]] = {}  # up id -> aliases
+        self._ended: deque[tuple[float, int, int]] = deque()  # (when, up, stream) of ended upstream streams
 
     def _check_enums(self) -> None:
         for enum_type, name, prefix in ((Take, "fr_moq_take_op", "FR_MOQ_"),
                                         (EventKind, "fr_moq_event_kind", "FR_MOQ_EV_"),
-                                        (StreamState, "fr_moq_dstream_state", "FR_MOQ_DS_")):
+                                        (StreamState, "fr_moq_dstream_state", "FR_MOQ_DS_"),
+                                        (UpstreamKind, "fr_moq_ustream_kind", "FR_MOQ_US_")):
             kernel = self.obj.enum(name)
             for member in enum_type:
                 names = [k for k, v in kernel.items() if v == member.value and k.startswith(prefix)]
@@ -189,6 +201,7 @@ class MoqFastPath:
         for key in _keys(self._ustream):
             if key.conn == up:
                 self._ustream.delete(key)
+        self._ended = deque(e for e in self._ended if e[1] != up)
         for key in _keys(self._dstream):
             if key.up == up:
                 self._dstream.delete(key)
@@ -206,10 +219,22 @@ class MoqFastPath:
         self._aliases.get(up, set()).discard(alias)
 
     def stream_ended(self, up: int, stream: int) -> None:
-        """An upstream stream finished or was reset: drop what the kernel learnt about it."""
-        self._ustream.delete(abi.MoqStreamKey(conn=up, stream=stream))
+        """An upstream stream finished or was reset: the kernel forgets its per-subscriber state and
+        fans out nothing more of it (a late copy of its start would otherwise open it again);
+        `forget_ended` drops the entry itself later."""
+        try:
+            self._ustream.update(abi.MoqStreamKey(conn=up, stream=stream), abi.MoqUstream(kind=UpstreamKind.ENDED))
+            self._ended.append((time.monotonic(), up, stream))
+        except OSError as exc:  # full: the stream stays unknown, i.e. userspace's if it comes back
+            log.warning("upstream stream %d of publisher %d not marked ended: %s", stream, up, exc)
         for slot in self.conns:
             self._dstream.delete(abi.MoqStreamKey(conn=slot, up=up, stream=stream))
+
+    def forget_ended(self, before: float) -> None:
+        """Drop the entries of upstream streams that ended before `before` (time.monotonic())."""
+        while self._ended and self._ended[0][0] < before:
+            _, up, stream = self._ended.popleft()
+            self._ustream.delete(abi.MoqStreamKey(conn=up, stream=stream))
 
     # ---- subscribers
     def add_conn(self, spec: ConnSpec, *, next_pn: int, next_stream: int, budget: int, credit: int) -> int:

@@ -690,6 +690,7 @@ class KernelPath:
         old = time.monotonic() - MIRROR_GRACE_S
         for key in [k for k, m in self._mirrors.items() if m.ended is not None and m.ended < old and m.users <= 0]:
             del self._mirrors[key]
+        self.fp.forget_ended(old)
 
     # ---- budgets
     def _after_input(self, link: QuicLink) -> None:

@@ -20,6 +20,11 @@ DEFAULT_PUBLISHER_PRIORITY (128 if the publisher gave none); the relay schedules
 value and writes it explicitly downstream. Group order: the subscriber's GROUP_ORDER, else
 the publisher's DEFAULT_PUBLISHER_GROUP_ORDER (ascending if none).
 
+Data can overtake the SUBSCRIBE_OK that names its track alias (another QUIC stream): while
+a SUBSCRIBE to a publisher is unanswered, its objects and stream ends on unknown aliases are
+held (bounded) and replayed once the alias is known, so a subgroup's first objects are not
+lost; without such a SUBSCRIBE they are stray and dropped.
+
 Namespaces: subscribers to a prefix hear of a namespace when its first publisher appears
 and of its end when the last one withdraws it (PUBLISH_NAMESPACE_DONE, disconnect, or GOAWAY:
 a publisher that sent GOAWAY gets no new SUBSCRIBEs, so the relay withdraws its namespaces
@@ -59,6 +64,7 @@ log = logging.getLogger("fastrelay.relay")
 
 Namespace = tuple[bytes, ...]
 DEFAULT_PUBLISHER_PRIORITY = 128  # draft-16 section 11: a track's priority when the publisher names none
+EARLY_DATA_LIMIT = 1 << 20  # bytes per publisher held for track aliases its SUBSCRIBE_OK has not named yet
 
 
 class FastPath(Protocol):
@@ -99,6 +105,9 @@ class Peer:
     queue: list[tuple] = field(default_factory=list)
     queued_bytes: int = 0
     seq: itertools.count = field(default_factory=itertools.count)
+    # data that came before the SUBSCRIBE_OK naming its track alias: alias -> events, replayed then
+    early: dict[int, list[ObjectReceived | StreamEnded]] = field(default_factory=dict)
+    early_bytes: int = 0
 
 
 @dataclass(eq=False)  # identity: one per subscription
@@ -204,9 +213,12 @@ class Relay:
 
     def _dispatch(self, peer: Peer, ev: Event) -> None:
         if isinstance(ev, ObjectReceived):
-            self._object(peer, ev)
+            if not self._held(peer, ev, ev.track_alias, len(ev.object.payload)):
+                self._object(peer, ev)
         elif isinstance(ev, StreamEnded):
-            self._stream_ended(peer, ev)
+            alias = ev.header.track_alias if isinstance(ev.header, SubgroupHeader) else None
+            if not self._held(peer, ev, alias, 0):
+                self._stream_ended(peer, ev)
         elif isinstance(ev, MessageReceived):
             if isinstance(ev.message, m.SubscribeNamespace):
                 self._subscribe_namespace(peer, ev.message, ev.stream_id)
@@ -403,6 +415,8 @@ class Relay:
         # unsubscribed (the answer crossed our UNSUBSCRIBE)
         track = peer.requests.get(msg.request_id)
         if track is None:
+            peer.early.pop(msg.track_alias, None)
+            self._replay_early(peer, None)
             return
         if track.live:
             peer.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"second SUBSCRIBE_OK for request {msg.request_id}")
@@ -413,9 +427,11 @@ class Relay:
         if self.fastpath:
             self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
+        self._replay_early(peer, msg.track_alias)
 
     def _on_RequestError(self, peer: Peer, msg: m.RequestError) -> None:
         track = peer.requests.pop(msg.request_id, None)
+        self._replay_early(peer, None)
         if track is None:
             refused = next((ns for ns, rid in peer.announced.items() if rid == msg.request_id), None)
             if refused is not None:  # a draft-14 namespace subscriber declined a namespace we named
@@ -663,6 +679,41 @@ class Relay:
         log.info("session %s gone", peer.name)
 
     # ---- data
+    def _awaiting_alias(self, peer: Peer) -> bool:
+        return any(not t.live for t in peer.requests.values())
+
+    def _held(self, peer: Peer, ev: ObjectReceived | StreamEnded, alias: int | None, size: int) -> bool:
+        """Hold `ev` if it is on a track alias not known yet while a SUBSCRIBE to `peer` awaits
+        its SUBSCRIBE_OK (draft-16 sections 10.2/10.4.2: buffer briefly for that reordering)."""
+        if alias is None or alias in peer.upstream or not self._awaiting_alias(peer):
+            return False
+        held = peer.early.get(alias)
+        if isinstance(ev, StreamEnded) and held is None:
+            return False  # nothing of that stream held: the end is stray too
+        if peer.early_bytes + size > EARLY_DATA_LIMIT:
+            log.warning("%s: more than %d bytes on track aliases not established yet: dropping them",
+                        peer.name, EARLY_DATA_LIMIT)
+            peer.early.clear()
+            peer.early_bytes = 0
+            return False
+        peer.early.setdefault(alias, []).append(ev)
+        peer.early_bytes += size
+        return True
+
+    def _replay_early(self, peer: Peer, alias: int | None) -> None:
+        """A SUBSCRIBE_OK named `alias` (None: a request failed): deliver what was held for it;
+        once no SUBSCRIBE awaits an answer, what is still held belongs to no track and goes."""
+        events = peer.early.pop(alias, []) if alias is not None else []
+        if not self._awaiting_alias(peer):
+            peer.early.clear()
+        peer.early_bytes = sum(len(e.object.payload) for evs in peer.early.values() for e in evs
+                               if isinstance(e, ObjectReceived))
+        for ev in events:
+            if isinstance(ev, ObjectReceived):
+                self._object(peer, ev)
+            else:
+                self._stream_ended(peer, ev)
+
     def _object(self, peer: Peer, ev: ObjectReceived) -> None:
         track = peer.upstream.get(ev.track_alias) if ev.track_alias is not None else None
         if track is None:

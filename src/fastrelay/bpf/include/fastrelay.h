@@ -211,6 +211,7 @@ struct fr_moq_stream_key {
 enum fr_moq_ustream_kind {
 	FR_MOQ_US_SUBGROUP = 1,      /* a subgroup of a known track: fanned out */
 	FR_MOQ_US_OTHER,             /* not media for the kernel (header unknown/split): userspace's */
+	FR_MOQ_US_ENDED,             /* finished or reset: late copies of its packets only go up */
 };
 
 struct fr_moq_ustream {
