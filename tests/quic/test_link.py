@@ -97,3 +97,46 @@ def test_streams_datagrams_reset_and_close(tls, plaintext):
         server.close()
 
     asyncio.run(main())
+
+
+def test_rearm_timer_arms_what_transmit_would_without_sending(tls):
+    """rearm_timer (after packets were registered from outside aioquic) sends nothing, arms the
+    timer aioquic asks for when none or a later one is armed, and keeps an earlier one."""
+    async def main():
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        server = await serve("127.0.0.1", 0, configuration=cfg, create_protocol=QuicLink)
+        port = server._transport.get_extra_info("sockname")[1]
+        ccfg = configuration(client=True, alpn=["fr-test"], verify=False)
+        async with connect("127.0.0.1", port, configuration=ccfg, create_protocol=QuicLink) as client:
+            loop = asyncio.get_running_loop()
+            sent = []
+            transport = client._transport
+            real_sendto = transport.sendto
+            transport.sendto = lambda data, addr=None: sent.append(data)
+            try:
+                client._timer.cancel()
+                client._timer, client._timer_at = None, None
+                client.rearm_timer()
+                due = client._quic.get_timer()
+                assert client._timer is not None and client._timer_at == due
+
+                later = loop.call_at(due + 60, lambda: None)      # a later timer is replaced
+                client._timer.cancel()
+                client._timer, client._timer_at = later, due + 60
+                client.rearm_timer()
+                assert later.cancelled() and client._timer_at == due
+
+                early = loop.call_at(due - 1, lambda: None)       # an earlier one stays
+                client._timer.cancel()
+                client._timer, client._timer_at = early, due - 1
+                client.rearm_timer()
+                assert client._timer is early and not early.cancelled() and client._timer_at == due - 1
+                early.cancel()
+                client._timer = None
+                assert sent == []
+            finally:
+                transport.sendto = real_sendto
+                client.transmit()
+        server.close()
+
+    asyncio.run(main())

@@ -166,6 +166,7 @@ class KernelPath:
     """Runs the kernel data path of one relay listening on UDP `port` on `interfaces` (ifindexes)."""
 
     TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
+    ACK_BATCH_S = 0.002  # how long absorbed ACKs may wait to be applied together
     PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
 
     def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
@@ -192,6 +193,7 @@ class KernelPath:
         self._waiting: dict[tuple[int, int], list[tuple[int, int, _Pending]]] = {}
         self._seq = itertools.count()
         self._touched: set[_Down] = set()  # connections to transmit on at the end of this drain/input
+        self._rearm: set[_Down] = set()  # connections whose timer alone needs a look (packets registered)
         self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
         self._loop = None
@@ -216,8 +218,24 @@ class KernelPath:
                 self._check_ring()
             self._timer = loop.call_later(self.TICK_S, tick)
         self._timer = loop.call_later(self.TICK_S, tick)
-        loop.add_reader(self.fp.fileno(), self.drain)
+        loop.add_reader(self.fp.fileno(), self._woken)
         self._loop = loop
+
+    def _woken(self) -> None:
+        """The kernel woke us (absorbed ACKs): drain ACK_BATCH_S later, so that the ACKs of many
+        subscribers arriving meanwhile share one drain and one transmit per connection (RTT
+        samples use the kernel's arrival times, so the wait does not inflate them)."""
+        loop = self._loop
+        if loop is None:
+            return
+        loop.remove_reader(self.fp.fileno())
+
+        def later() -> None:
+            if self._loop is None:
+                return
+            self.drain()
+            self._loop.add_reader(self.fp.fileno(), self._woken)
+        loop.call_later(self.ACK_BATCH_S, later)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -422,6 +440,7 @@ class KernelPath:
             self._waiting[key] = [w for w in waiters if w[2].down is not down]
             heapq.heapify(self._waiting[key])
         self._touched.discard(down)
+        self._rearm.discard(down)
         self._continuing.discard(down)
         self.stats.connections -= 1
 
@@ -545,8 +564,10 @@ class KernelPath:
             self._wait(p)
             return
         self._unwait(p)
+        held = p.down.ext.held_acks
         self._register(p, frames)
-        self._touched.add(p.down)
+        # a registration only moves the loss-detection timer, unless it released a held ACK
+        (self._touched if p.down.ext.held_acks < held else self._rearm).add(p.down)
 
     def _wait(self, p: _Pending) -> None:
         if not p.counted:
@@ -571,8 +592,11 @@ class KernelPath:
             if not down.continuations or down.link not in self._downs:
                 self._continuing.discard(down)
         touched, self._touched = self._touched, set()
+        rearm, self._rearm = self._rearm - touched, set()
         for down in touched:
             down.link.transmit()
+        for down in rearm:
+            down.link.rearm_timer()
 
     def _register(self, p: _Pending, frames: list[SentStreamFrame]) -> None:
         """Register one kernel packet. Bytes it carried a second time (the publisher re-sent

@@ -184,6 +184,19 @@ class QuicLink(QuicConnectionProtocol):
         self._quic.stop_stream(stream_id, code)
         self._schedule_transmit()
 
+    def rearm_timer(self) -> None:
+        """After a change that gives aioquic nothing new to send but moves its deadlines (packets
+        registered from outside aioquic): what transmit() does after sending, without building
+        packets. An armed timer that is earlier stays: when it fires, aioquic finds nothing due
+        (get_timer refreshed its loss-detection deadline) and re-arms."""
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(timer_at, self._handle_timer) if timer_at is not None else None
+        self._timer_at = timer_at
+
     def close(self, code: int = 0, reason: str = "") -> None:  # type: ignore[override]
         self._quic.close(error_code=code, reason_phrase=reason)
         self.transmit()

@@ -71,6 +71,11 @@ class ExternalSender:
         return self._first
 
     @property
+    def held_acks(self) -> int:
+        """How many packet numbers were acknowledged before they were registered (applied on registration)."""
+        return len(self._held)
+
+    @property
     def awaiting_renumber(self) -> int:
         """How many packets aioquic built are waiting for their wire number."""
         return len(self._unnumbered)
