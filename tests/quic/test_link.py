@@ -100,8 +100,8 @@ def test_streams_datagrams_reset_and_close(tls, plaintext):
 
 
 def test_rearm_timer_arms_what_transmit_would_without_sending(tls):
-    """rearm_timer (after packets were registered from outside aioquic) sends nothing, arms the
-    timer aioquic asks for when none or a later one is armed, and keeps an earlier one."""
+    """rearm_timer (after packets were registered or acknowledged from outside aioquic) sends
+    nothing and leaves the timer armed at what aioquic asks for, like transmit() would."""
     async def main():
         cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
         server = await serve("127.0.0.1", 0, configuration=cfg, create_protocol=QuicLink)
@@ -114,25 +114,17 @@ def test_rearm_timer_arms_what_transmit_would_without_sending(tls):
             real_sendto = transport.sendto
             transport.sendto = lambda data, addr=None: sent.append(data)
             try:
-                client._timer.cancel()
-                client._timer, client._timer_at = None, None
-                client.rearm_timer()
                 due = client._quic.get_timer()
-                assert client._timer is not None and client._timer_at == due
-
-                later = loop.call_at(due + 60, lambda: None)      # a later timer is replaced
-                client._timer.cancel()
-                client._timer, client._timer_at = later, due + 60
-                client.rearm_timer()
-                assert later.cancelled() and client._timer_at == due
-
-                early = loop.call_at(due - 1, lambda: None)       # an earlier one stays
-                client._timer.cancel()
-                client._timer, client._timer_at = early, due - 1
-                client.rearm_timer()
-                assert client._timer is early and not early.cancelled() and client._timer_at == due - 1
-                early.cancel()
-                client._timer = None
+                for armed_at in (None, due + 60, due - 1):       # none, a later one, an earlier one
+                    client._timer.cancel()
+                    old = loop.call_at(armed_at, lambda: None) if armed_at is not None else None
+                    client._timer, client._timer_at = old, armed_at
+                    client.rearm_timer()
+                    assert client._timer is not None and client._timer_at == due, armed_at
+                    assert old is None or old.cancelled()
+                kept = client._timer
+                client.rearm_timer()                              # nothing moved: the same handle
+                assert client._timer is kept and not kept.cancelled()
                 assert sent == []
             finally:
                 transport.sendto = real_sendto

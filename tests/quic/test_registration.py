@@ -7,6 +7,7 @@ import os
 import pytest
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import pull_ack_frame
+from aioquic.quic.rangeset import RangeSet
 
 from fastrelay.quic import internals
 from fastrelay.quic.registration import ExternalSender, SentStreamFrame
@@ -356,3 +357,23 @@ def test_bad_registrations_are_refused_without_changing_anything():
     assert ext.flow_credit() == credit and internals.sent_packet_numbers(pair.server) == numbers
     ext.register(first, pair.now, 100, [SentStreamFrame(3, 0, b"a" * 100)])  # fills the gap
     assert internals.sent_packet_numbers(pair.server)[-2:] == [first, first + 1]
+
+
+def test_losses_are_counted_and_the_lost_bytes_wait_to_be_sent():
+    """What tells the kernel path a full transmit is due after an acknowledgement: packets declared
+    lost (counted) and bytes queued again (has_unsent); both quiet when nothing was lost."""
+    pair = Pair()
+    k = Kernel(pair)
+    k.ext.open_stream(7)
+    first = k.next
+    for frame in chunks(7, os.urandom(6000)):
+        k.send(frame)
+    k.drain()
+    assert k.ext.packets_lost == 0 and not internals.has_unsent(pair.server)
+    k.ext.acknowledge(RangeSet([range(first, first + 2)]), 0.0, pair.now)      # nothing lost yet
+    assert k.ext.packets_lost == 0 and not internals.has_unsent(pair.server)
+    k.ext.acknowledge(RangeSet([range(first + 3, first + 6)]), 0.0, pair.now)  # 3 above: first + 2 is lost
+    assert k.ext.packets_lost == 1 and internals.has_unsent(pair.server)
+    pair.run(10)
+    assert not internals.has_unsent(pair.server) and 7 in pair.fins
+    assert_settled(pair, k)

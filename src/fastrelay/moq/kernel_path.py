@@ -476,8 +476,9 @@ class KernelPath:
             if len(events) < MoqFastPath.RING_BUDGET:
                 break
         for down, batch in acks.items():
+            lost = down.ext.packets_lost
             down.ext.acknowledge(batch.ranges, internals.ack_delay_seconds(down.link.quic, batch.delay), batch.at)
-            self._touched.add(down)
+            self._after_change(down, lost)
         self._flush()
         for down in acks:
             if down.link in self._downs:
@@ -564,10 +565,20 @@ class KernelPath:
             self._wait(p)
             return
         self._unwait(p)
-        held = p.down.ext.held_acks
-        self._register(p, frames)
-        # a registration only moves the loss-detection timer, unless it released a held ACK
-        (self._touched if p.down.ext.held_acks < held else self._rearm).add(p.down)
+        lost = p.down.ext.packets_lost
+        self._register(p, frames)  # (an ACK held for it is applied now)
+        self._after_change(p.down, lost)
+
+    def _after_change(self, down: _Down, lost: int) -> None:
+        """A registration or an acknowledgement changed the connection's recovery state: aioquic's
+        full transmit() (building packets) runs at the end of this drain only if something may have
+        become sendable (losses queued bytes again, or the window or pacer held back what aioquic
+        had); otherwise only its timer is moved."""
+        link = down.link
+        if down.ext.packets_lost != lost or link.send_limited or internals.has_unsent(link.quic):
+            self._touched.add(down)
+        else:
+            self._rearm.add(down)
 
     def _wait(self, p: _Pending) -> None:
         if not p.counted:

@@ -324,6 +324,32 @@ def is_closing(quic: QuicConnection) -> bool:
     return quic._state in END_STATES
 
 
+def has_unsent(quic: QuicConnection) -> bool:
+    """aioquic holds something to send besides ACKs and timer-driven probes: stream bytes, a FIN or a
+    reset (new ones, or lost ones queued again), or DATAGRAM frames."""
+    if quic._datagrams_pending:
+        return True
+    return any(not s.sender.buffer_is_empty or s.sender.reset_pending for s in quic._streams.values())
+
+
+def count_losses(quic: QuicConnection) -> Callable[[], int]:
+    """From now on count the packets aioquic declares lost (any packet number space); returns a
+    function reading the count."""
+    loss = quic._loss
+    if "_on_packets_lost" in vars(loss):
+        raise RuntimeError("this connection's losses are already counted")
+    original = loss._on_packets_lost
+    lost = [0]
+
+    def on_packets_lost(*, packets, **kwargs) -> None:
+        packets = list(packets)
+        lost[0] += len(packets)
+        original(packets=packets, **kwargs)
+
+    loss._on_packets_lost = on_packets_lost
+    return lambda: lost[0]
+
+
 def stream_data_waiting(quic: QuicConnection, stream_id: int) -> bool:
     """An open send stream has bytes or a FIN queued (new or to re-send) and is not reset."""
     stream = quic._streams.get(stream_id)

@@ -25,7 +25,7 @@ from aioquic.quic.events import (
 )
 
 from . import plaintext as plaintext_mode
-from .internals import congestion_window, send_backlog
+from .internals import bytes_in_flight, congestion_window, max_datagram_size, send_backlog
 
 log = logging.getLogger("fastrelay.quic")
 
@@ -98,6 +98,7 @@ class QuicLink(QuicConnectionProtocol):
         self.before_input: Callable[[QuicLink], None] | None = None
         self.after_input: Callable[[QuicLink], None] | None = None
         self.stream_allocator: Callable[[], int] | None = None
+        self.send_limited = False
         self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
 
     # ---- events in
@@ -184,13 +185,21 @@ class QuicLink(QuicConnectionProtocol):
         self._quic.stop_stream(stream_id, code)
         self._schedule_transmit()
 
+    def transmit(self) -> None:
+        """aioquic's transmit(), then note whether it stopped short of a full congestion window
+        or for pacing (`send_limited`): until the next transmit, something that frees the window
+        may let queued frames go."""
+        super().transmit()
+        quic = self._quic
+        self.send_limited = (quic._pacing_at is not None
+                             or bytes_in_flight(quic) + max_datagram_size(quic) > congestion_window(quic))
+
     def rearm_timer(self) -> None:
         """After a change that gives aioquic nothing new to send but moves its deadlines (packets
-        registered from outside aioquic): what transmit() does after sending, without building
-        packets. An armed timer that is earlier stays: when it fires, aioquic finds nothing due
-        (get_timer refreshed its loss-detection deadline) and re-arms."""
+        registered or acknowledged from outside aioquic): what transmit() does after sending,
+        without building packets."""
         timer_at = self._quic.get_timer()
-        if self._timer is not None and self._timer_at is not None and self._timer_at <= timer_at:
+        if self._timer is not None and self._timer_at == timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()

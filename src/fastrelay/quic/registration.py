@@ -63,12 +63,18 @@ class ExternalSender:
         every one known to be handed out (cheaper than calling allocated_below before each input)."""
         internals.intercept_one_rtt_sent(quic, self._take)
         internals.observe_one_rtt_acks(quic, self._on_ack)
+        self._lost = internals.count_losses(quic)
 
     @property
     def first_packet_number(self) -> int:
         """The first wire number the kernel's counter may hand out; lower numbers are packets aioquic
         sent before this object existed, which the egress program passes unchanged."""
         return self._first
+
+    @property
+    def packets_lost(self) -> int:
+        """How many packets aioquic declared lost since this object exists (its own and registered ones)."""
+        return self._lost()
 
     @property
     def held_acks(self) -> int:
