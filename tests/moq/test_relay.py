@@ -388,11 +388,31 @@ def test_objects_leave_in_the_drafts_priority_order():
     assert [o[2] for o in objects(ev)] == [b"a3", b"a2", b"g2o0", b"g3o0"]
 
 
+class EndsSeen:
+    """A fast path that takes nothing and records which upstream streams it was told have ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+
+    def upstream_track(self, *a) -> None: ...
+    def downstream_ready(self, ds) -> None: ...
+    def downstream_gone(self, ds) -> None: ...
+    def peer_gone(self, peer) -> None: ...
+    def owns(self, *a) -> None: ...
+    def owns_datagrams(self, ds) -> bool:
+        return False
+
+    def stream_ended(self, peer, stream_id: int, reset: bool) -> None:
+        self.ended.append(stream_id)
+
+
 def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(caplog):
     """Another QUIC stream may deliver a subgroup before the SUBSCRIBE_OK naming its track alias:
     the relay holds it (bounded) and forwards and caches it once the alias is known; what no
-    SUBSCRIBE_OK claims is dropped once none is awaited."""
-    relay = Relay()
+    SUBSCRIBE_OK claims is dropped once none is awaited, its stream ends still reaching the fast
+    path (which forgets those streams)."""
+    fast = EndsSeen()
+    relay = Relay(fastpath=fast)
     pub = Publisher(relay, Version.DRAFT_16)
     s1, ev1 = connect(relay, Version.DRAFT_16, "s1")
     s1.session.send(m.Subscribe(s1.session.next_request_id(), NS, TRACK))
@@ -401,13 +421,16 @@ def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(
     pub.alias = 77                                 # and a stream on an alias no SUBSCRIBE_OK will name
     pub.write(5, 0, fin=True)
     pub.alias = 42
-    assert not objects(ev1) and relay.stats.objects_in == 0
+    assert not objects(ev1) and relay.stats.objects_in == 0 and fast.ended == []
+    publisher = next(p for p in relay.peers.values() if p.name == "pub")
+    assert publisher.early_bytes > 0
     assert pub.answer_subscribes() == 1
     ok = messages(ev1, m.SubscribeOk)[0]
     assert objects(ev1, ok.track_alias) == [(0, 0, b"g0o0"), (0, 1, b"g0o1")]
     assert [e for e in ev1 if isinstance(e, StreamEnded)]          # its FIN too
     assert relay.stats.objects_in == 2
-    assert not next(p for p in relay.peers.values() if p.name == "pub").early
+    assert sorted(fast.ended) == sorted(w.stream_id for w in pub.writers.values())  # both streams' ends
+    assert not publisher.early and publisher.early_bytes == 0
     pub.write(1, 0)
     assert objects(ev1, ok.track_alias)[-1] == (1, 0, b"g1o0")
 
@@ -421,6 +444,23 @@ def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(
     assert "bytes on track aliases not established yet" in caplog.text
     pub2.answer_subscribes()
     assert objects(ev2) == [(0, 2, b"g0o2".ljust(600 << 10, b"."))]
+
+
+def test_held_data_goes_when_the_subscription_it_waits_for_is_given_up():
+    """The last subscriber leaves before the publisher answered: the upstream SUBSCRIBE is
+    withdrawn and what was held for it is dropped (and no later SUBSCRIBE_OK revives it)."""
+    relay = Relay()
+    pub = Publisher(relay, Version.DRAFT_16)
+    s1, ev1 = connect(relay, Version.DRAFT_16, "s1")
+    rid = s1.session.next_request_id()
+    s1.session.send(m.Subscribe(rid, NS, TRACK))
+    pub.write(0, 0)
+    publisher = next(p for p in relay.peers.values() if p.name == "pub")
+    assert publisher.early
+    s1.session.send(m.Unsubscribe(rid))
+    assert not publisher.early and publisher.early_bytes == 0
+    assert pub.answer_subscribes() == 1        # the answer crosses the UNSUBSCRIBE
+    assert relay.stats.objects_in == 0
 
 
 def test_data_on_an_unknown_alias_without_a_pending_subscribe_is_dropped():

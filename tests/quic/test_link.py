@@ -132,3 +132,31 @@ def test_rearm_timer_arms_what_transmit_would_without_sending(tls):
         server.close()
 
     asyncio.run(main())
+
+
+def test_send_limited_says_whether_the_window_held_data_back(tls):
+    """After transmit(): True while the congestion window (or pacing) keeps queued data back, False
+    once everything went out and was acknowledged."""
+    async def main():
+        servers = []
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        server = await serve("127.0.0.1", 0, configuration=cfg,
+                             create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=lambda link: (
+                                 servers.append(Recorder(link)) or servers[-1]), **k))
+        port = server._transport.get_extra_info("sockname")[1]
+        ccfg = configuration(client=True, alpn=["fr-test"], verify=False)
+        async with connect("127.0.0.1", port, configuration=ccfg, create_protocol=QuicLink) as client:
+            assert client.send_limited is False
+            sid = client.open_stream(unidirectional=False)
+            data = bytes(1 << 20)
+            client.send(sid, data, fin=True)
+            client.transmit()
+            assert client.send_limited is True
+            srv = servers[0]
+            await wait_for(srv, lambda ev: sum(len(e[2]) for e in ev if e[0] == "stream") == len(data), timeout=10)
+            await asyncio.sleep(0.3)                  # the last ACKs come back, the pacer refills
+            client.transmit()
+            assert client.send_limited is False
+        server.close()
+
+    asyncio.run(main())

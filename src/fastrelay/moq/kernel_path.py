@@ -37,7 +37,7 @@ from aioquic.quic.rangeset import RangeSet
 from ..kernel import abi
 from ..nexthop import NextHopError, Resolver
 from ..quic import internals
-from ..quic.link import QuicLink
+from ..quic.link import Limits, QuicLink
 from ..quic.registration import ExternalSender, SentStreamFrame
 from .fastpath import ConnSpec, EventKind, MoqFastPath, StreamState, Take
 from .wire import Writer, varint_size
@@ -47,6 +47,9 @@ log = logging.getLogger("fastrelay.kernel_path")
 ABANDONED_RESET_CODE = 0x1  # draft-16 data stream reset CANCELLED: the relay gave the subgroup up
 DATAGRAM_STREAM = (1 << 64) - 1
 MIRROR_GRACE_S = 5.0  # an ended upstream stream's bytes are kept this long for late records
+# the kernel keeps an ended upstream stream known as ended this long: a late copy of its start cannot
+# come later than the connection's idle timeout (it would have closed without the relay's ACKs)
+ENDED_STREAM_GRACE_S = Limits().idle_timeout
 SKIP_MARGIN = 64 << 10  # bytes beyond the congestion window before new subgroups are skipped
 
 
@@ -231,10 +234,12 @@ class KernelPath:
         loop.remove_reader(self.fp.fileno())
 
         def later() -> None:
-            if self._loop is None:
-                return
-            self.drain()
-            self._loop.add_reader(self.fp.fileno(), self._woken)
+            try:
+                if self._loop is not None:
+                    self.drain()
+            finally:
+                if self._loop is not None:
+                    self._loop.add_reader(self.fp.fileno(), self._woken)
         loop.call_later(self.ACK_BATCH_S, later)
 
     def close(self) -> None:
@@ -725,7 +730,7 @@ class KernelPath:
         old = time.monotonic() - MIRROR_GRACE_S
         for key in [k for k, m in self._mirrors.items() if m.ended is not None and m.ended < old and m.users <= 0]:
             del self._mirrors[key]
-        self.fp.forget_ended(old)
+        self.fp.forget_ended(time.monotonic() - ENDED_STREAM_GRACE_S)
 
     # ---- budgets
     def _after_input(self, link: QuicLink) -> None:

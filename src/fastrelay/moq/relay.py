@@ -213,11 +213,11 @@ class Relay:
 
     def _dispatch(self, peer: Peer, ev: Event) -> None:
         if isinstance(ev, ObjectReceived):
-            if not self._held(peer, ev, ev.track_alias, len(ev.object.payload)):
+            if not self._held(peer, ev, ev.track_alias):
                 self._object(peer, ev)
         elif isinstance(ev, StreamEnded):
             alias = ev.header.track_alias if isinstance(ev.header, SubgroupHeader) else None
-            if not self._held(peer, ev, alias, 0):
+            if not self._held(peer, ev, alias):
                 self._stream_ended(peer, ev)
         elif isinstance(ev, MessageReceived):
             if isinstance(ev.message, m.SubscribeNamespace):
@@ -373,6 +373,7 @@ class Relay:
         if self.fastpath:
             self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
+        self._replay_early(peer, msg.track_alias)
 
     def _upstream_established(self, track: Track, extensions: tuple[tuple[int, int | bytes], ...],
                               largest: Location | None) -> None:
@@ -415,7 +416,7 @@ class Relay:
         # unsubscribed (the answer crossed our UNSUBSCRIBE)
         track = peer.requests.get(msg.request_id)
         if track is None:
-            peer.early.pop(msg.track_alias, None)
+            self._discard_early(peer, [msg.track_alias])
             self._replay_early(peer, None)
             return
         if track.live:
@@ -646,6 +647,7 @@ class Relay:
             track.publisher.requests.pop(track.upstream_request_id, None)
             track.publisher.upstream.pop(track.upstream_alias, None)
             self.tracks.pop((track.namespace, track.name), None)
+            self._replay_early(track.publisher, None)
 
     def _end_track(self, track: Track, code: int, reason: str) -> None:
         for peer in {ds.peer for ds in track.subscribers}:
@@ -662,6 +664,7 @@ class Relay:
         track.publisher.requests.pop(track.upstream_request_id, None)
         track.publisher.upstream.pop(track.upstream_alias, None)
         self.tracks.pop((track.namespace, track.name), None)
+        self._replay_early(track.publisher, None)
         log.info("track %s ended (%s)", track.label, reason or code)
 
     def _peer_gone(self, peer: Peer) -> None:
@@ -682,37 +685,44 @@ class Relay:
     def _awaiting_alias(self, peer: Peer) -> bool:
         return any(not t.live for t in peer.requests.values())
 
-    def _held(self, peer: Peer, ev: ObjectReceived | StreamEnded, alias: int | None, size: int) -> bool:
+    def _held(self, peer: Peer, ev: ObjectReceived | StreamEnded, alias: int | None) -> bool:
         """Hold `ev` if it is on a track alias not known yet while a SUBSCRIBE to `peer` awaits
         its SUBSCRIBE_OK (draft-16 sections 10.2/10.4.2: buffer briefly for that reordering)."""
         if alias is None or alias in peer.upstream or not self._awaiting_alias(peer):
             return False
-        held = peer.early.get(alias)
-        if isinstance(ev, StreamEnded) and held is None:
+        if isinstance(ev, StreamEnded) and alias not in peer.early:
             return False  # nothing of that stream held: the end is stray too
+        size = _held_size(ev)
         if peer.early_bytes + size > EARLY_DATA_LIMIT:
             log.warning("%s: more than %d bytes on track aliases not established yet: dropping them",
                         peer.name, EARLY_DATA_LIMIT)
-            peer.early.clear()
-            peer.early_bytes = 0
+            self._discard_early(peer, list(peer.early))
             return False
         peer.early.setdefault(alias, []).append(ev)
         peer.early_bytes += size
         return True
 
     def _replay_early(self, peer: Peer, alias: int | None) -> None:
-        """A SUBSCRIBE_OK named `alias` (None: a request failed): deliver what was held for it;
+        """`alias` became known (None: a request ended otherwise): deliver what was held for it;
         once no SUBSCRIBE awaits an answer, what is still held belongs to no track and goes."""
         events = peer.early.pop(alias, []) if alias is not None else []
+        peer.early_bytes -= sum(_held_size(e) for e in events)
         if not self._awaiting_alias(peer):
-            peer.early.clear()
-        peer.early_bytes = sum(len(e.object.payload) for evs in peer.early.values() for e in evs
-                               if isinstance(e, ObjectReceived))
+            self._discard_early(peer, list(peer.early))
         for ev in events:
             if isinstance(ev, ObjectReceived):
                 self._object(peer, ev)
             else:
                 self._stream_ended(peer, ev)
+
+    def _discard_early(self, peer: Peer, aliases: list[int]) -> None:
+        """Drop what was held for `aliases`; the ends of those streams still reach the fast path,
+        so it forgets the streams (their alias being unknown, nothing else happens)."""
+        for alias in aliases:
+            for ev in peer.early.pop(alias, []):
+                peer.early_bytes -= _held_size(ev)
+                if isinstance(ev, StreamEnded):
+                    self._stream_ended(peer, ev)
 
     def _object(self, peer: Peer, ev: ObjectReceived) -> None:
         track = peer.upstream.get(ev.track_alias) if ev.track_alias is not None else None
@@ -895,6 +905,14 @@ class Relay:
         for peer in {ds.peer for ds in track.subscribers}:
             self.pump(peer)
         self._maybe_done(track)
+
+
+def _held_size(ev: ObjectReceived | StreamEnded) -> int:
+    """What holding an event costs against EARLY_DATA_LIMIT (payload, extensions, a fixed part)."""
+    if isinstance(ev, StreamEnded):
+        return 64
+    ext = sum(len(v) if isinstance(v, bytes | bytearray) else 8 for _, v in ev.object.extensions)
+    return 64 + len(ev.object.payload) + ext
 
 
 def _from_cache(obj: CachedObject) -> Object:

@@ -77,11 +77,6 @@ class ExternalSender:
         return self._lost()
 
     @property
-    def held_acks(self) -> int:
-        """How many packet numbers were acknowledged before they were registered (applied on registration)."""
-        return len(self._held)
-
-    @property
     def awaiting_renumber(self) -> int:
         """How many packets aioquic built are waiting for their wire number."""
         return len(self._unnumbered)
