@@ -196,7 +196,7 @@ class KernelPath:
         self._waiting: dict[tuple[int, int], list[tuple[int, int, _Pending]]] = {}
         self._seq = itertools.count()
         self._touched: set[_Down] = set()  # connections to transmit on at the end of this drain/input
-        self._rearm: set[_Down] = set()  # connections whose timer alone needs a look (packets registered)
+        self._rearm: set[_Down] = set()  # connections whose recovery changed with nothing new to send: timer only
         self._continuing: set[_Down] = set()  # connections with handed-over streams to continue
         self._timer = None
         self._loop = None
@@ -226,7 +226,7 @@ class KernelPath:
 
     def _woken(self) -> None:
         """The kernel woke us (absorbed ACKs): drain ACK_BATCH_S later, so that the ACKs of many
-        subscribers arriving meanwhile share one drain and one transmit per connection (RTT
+        subscribers arriving meanwhile share one drain, and each connection is looked at once (RTT
         samples use the kernel's arrival times, so the wait does not inflate them)."""
         loop = self._loop
         if loop is None:
