@@ -11,13 +11,7 @@ from fastrelay.moq import messages as m
 from fastrelay.moq.endpoint import MoqtClient
 from fastrelay.moq.publisher import publish
 
-from .test_quic_e2e import NS, TRACK, relay_server
-
-
-async def announced(relay) -> None:
-    """Until the publisher's PUBLISH_NAMESPACE has reached the relay."""
-    while not any(p.namespaces for p in relay.peers.values()):
-        await asyncio.sleep(0.01)
+from .test_quic_e2e import NS, TRACK, announced, relay_server
 
 
 async def _publish_done(client: MoqtClient) -> m.PublishDone:

@@ -43,6 +43,12 @@ async def relay_server(tmp_path):
         server.close()
 
 
+async def announced(relay: Relay) -> None:
+    """Until the publisher's PUBLISH_NAMESPACE has reached the relay (a SUBSCRIBE before it is refused)."""
+    while not any(p.namespaces for p in relay.peers.values()):
+        await asyncio.sleep(0.01)
+
+
 def synthetic(count: int, fps: float = 300.0) -> SyntheticSource:
     return SyntheticSource(object_size=900, keyframe_size=3000, fps=fps, gop=30, count=count, realtime=True)
 
@@ -52,7 +58,7 @@ def test_every_object_reaches_every_subscriber_byte_exact(tmp_path, version):
     async def main():
         async with relay_server(tmp_path) as (relay, url):
             pub = asyncio.create_task(publish(url, NS, TRACK, synthetic(600), version=version, wait_subscriber=5))
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(announced(relay), 5)
             subs = [asyncio.create_task(subscribe(url, NS, TRACK, version=version, codec="raw", duration=15,
                                                   verify=verify_synthetic_payload)) for _ in range(3)]
             sent = await pub
@@ -76,7 +82,7 @@ def test_h264_through_the_relay_decodes(tmp_path):
         async with relay_server(tmp_path) as (relay, url):
             source = H264Source(pattern="testsrc", width=320, height=240, fps=30, gop=15, duration=2, realtime=True)
             pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5))
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(announced(relay), 5)
             sub = asyncio.create_task(subscribe(url, NS, TRACK, out=str(out), duration=15))
             return await pub, await sub
 
@@ -93,6 +99,7 @@ def test_late_joiner_starts_at_the_latest_group_from_the_cache(tmp_path):
     async def main():
         async with relay_server(tmp_path) as (relay, url):
             pub = asyncio.create_task(publish(url, NS, TRACK, synthetic(300, fps=150), wait_subscriber=5))
+            await asyncio.wait_for(announced(relay), 5)
             early = asyncio.create_task(subscribe(url, NS, TRACK, codec="raw", duration=15))
             await asyncio.sleep(1.0)  # about 5 groups in
             late = asyncio.create_task(subscribe(url, NS, TRACK, codec="raw", duration=15,
@@ -111,6 +118,7 @@ def test_a_subscriber_vanishing_mid_group_and_a_malformed_one_leave_the_others_s
     async def main():
         async with relay_server(tmp_path) as (relay, url):
             pub = asyncio.create_task(publish(url, NS, TRACK, synthetic(450, fps=150), wait_subscriber=5))
+            await asyncio.wait_for(announced(relay), 5)
             steady = asyncio.create_task(subscribe(url, NS, TRACK, codec="raw", duration=15,
                                                    verify=verify_synthetic_payload))
             await asyncio.sleep(0.2)

@@ -15,8 +15,7 @@ from fastrelay.moq.relay import Relay
 from fastrelay.moq.subscriber import LossLedger, _Reorder, subscribe
 from fastrelay.quic.tls import self_signed
 
-from .test_publisher import announced
-from .test_quic_e2e import NS, TRACK, free_port, relay_server
+from .test_quic_e2e import NS, TRACK, announced, free_port, relay_server
 
 GOP, STEP = 30, 33_333  # objects per group, frame interval (us)
 
