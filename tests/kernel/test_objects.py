@@ -7,7 +7,7 @@ import pytest
 from fastrelay.kernel import abi
 from fastrelay.kernel.build import BPF_DIR, build
 from fastrelay.kernel.errors import LayoutError, LoadError
-from fastrelay.kernel.objects import LAYOUTS, BpfObject, MapLayout, RingLayout
+from fastrelay.kernel.objects import LAYOUTS, BpfObject, Constants, MapLayout, RecordsLayout, RingLayout
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -113,7 +113,8 @@ def test_every_map_of_a_declared_program_has_a_mirror_that_matches():
     assert {"udp_fanout", "lab_probe", "lab_dropper", "moq_fastpath"} <= LAYOUTS.keys() <= set(programs)
     for program in LAYOUTS:
         with BpfObject.load(program) as obj:  # loading checks every declared layout
-            assert sorted(obj.map_names()) == sorted(LAYOUTS[program]), program
+            maps = [name for name, layout in LAYOUTS[program].items() if not isinstance(layout, Constants)]
+            assert sorted(obj.map_names()) == sorted(maps), program
             for name, layout in LAYOUTS[program].items():
                 if isinstance(layout, MapLayout):
                     assert obj.map(name).value_type is layout.value
@@ -134,8 +135,33 @@ def test_a_ring_record_mismatch_fails_at_load():
         BpfObject(build("udp_fanout"), {"fr_fanout_events": RingLayout(Renamed, "fr_fanout_event")})
 
 
+def test_a_size_python_copies_that_drifted_from_the_header_fails_at_load(monkeypatch):
+    limits = LAYOUTS["moq_fastpath"][abi.FR_MOQ_LIMITS]
+    monkeypatch.setitem(LAYOUTS, "moq_fastpath", {**LAYOUTS["moq_fastpath"], abi.FR_MOQ_LIMITS: Constants(
+        {**limits.values, "FR_MOQ_MAX_FRAMES": 8})})
+    with pytest.raises(LayoutError, match=r"fr_moq_limits\.FR_MOQ_MAX_FRAMES is 16 in the object, 8 in Python"):
+        BpfObject.load("moq_fastpath")
+
+
+def test_a_record_type_of_a_multi_record_ring_is_checked_at_load(monkeypatch):
+    class Short(ctypes.Structure):
+        _fields_ = [("kind", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("local_pn", ctypes.c_uint16)]
+
+    ring = LAYOUTS["moq_fastpath"]["fr_moq_events"]
+    broken = RecordsLayout(ring.kinds, {**ring.records, "FR_MOQ_REC_RENUMBERED": (Short, "fr_moq_renumbered")})
+    monkeypatch.setitem(LAYOUTS, "moq_fastpath", {**LAYOUTS["moq_fastpath"], "fr_moq_events": broken})
+    with pytest.raises(LayoutError, match="fr_moq_renumbered"):
+        BpfObject.load("moq_fastpath")
+
+
 def test_an_undeclared_map_needs_its_mirrors():
     with BpfObject(build("lab_dropper")) as obj:  # no layouts declared
         with pytest.raises(LayoutError, match="no MapLayout declared for fr_drop_cfg"):
             obj.map("fr_drop_cfg")
         assert obj.map("fr_drop_cfg", ctypes.c_uint32, abi.DropConfig).value_type is abi.DropConfig
+
+
+def test_a_loaded_object_keeps_what_each_program_cost_the_verifier(root):
+    with BpfObject.load("moq_fastpath") as obj:
+        assert set(obj.verified_insns) == {"fr_moq_ingress", "fr_moq_egress", "fr_moq_take"}
+        assert all(0 < n < 200_000 for n in obj.verified_insns.values())

@@ -18,7 +18,7 @@ import pytest
 
 from fastrelay.lab.capture import capture, udp_frames
 from fastrelay.lab.topology import Lab
-from fastrelay.moq.fastpath import ConnSpec, EventKind, MoqFastPath, StreamState, Take
+from fastrelay.moq.fastpath import ConnSpec, HandoverReason, MoqFastPath, RecordKind, StreamState, Take
 from fastrelay.moq.wire import Writer
 from fastrelay.netns import entered
 
@@ -181,14 +181,13 @@ def test_media_frames_fan_out_rewritten_per_subscriber(rig):
         assert pn == pn0 + 1
         assert frames == [("stream", sid, len(new_head + obj1), obj2, True)]
 
-    events = rig.fp.drain()
-    sent = events[events["kind"] == EventKind.SENT]
-    assert len(sent) == 4 and set(sent["slot"]) == {s0, s1}
-    for ev in sent:
-        fr = ev["frames"][0]
-        assert ev["nframes"] == 1 and ev["up"] == rig.up and fr["up_stream"] == 2
-        if ev["slot"] == s1:
-            assert fr["stream"] == 11 and (fr["offset"] == 0 or fr["offset"] == fr["up_offset"] + 1)
+    sent = [r for r in rig.fp.drain() if r.kind == RecordKind.SENT]
+    assert len(sent) == 4 and {r.slot for r in sent} == {s0, s1}
+    for rec in sent:
+        fr = rec.frames[0]
+        assert rec.nframes == 1 and rec.up == rig.up and fr.up_stream == 2 and not fr.datagram
+        if rec.slot == s1:
+            assert fr.stream == 11 and (fr.offset == 0 or fr.offset == fr.up_offset + 1)
     counters = rig.fp.counters()
     assert counters["fanned"] == 2 and counters["clones"] == 4 and counters["sent"] == 4
     assert rig.fp.state(s0).next_pn == 1002 and rig.fp.state(s0).next_stream == 7
@@ -208,9 +207,8 @@ def test_userspace_packets_are_renumbered_from_the_shared_counter(rig):
     by_dcid = {f["payload"][1:9]: f["payload"] for f in got}
     assert int.from_bytes(by_dcid[bytes([0xA0]) * 8][9:11], "big") == 1003
     assert by_dcid[bytes([0xEE]) * 8] == other
-    ev = rig.fp.drain()
-    ren = ev[ev["kind"] == EventKind.RENUMBERED]
-    assert len(ren) == 1 and ren[0]["pn"] == 1003 and ren[0]["local_pn"] == 0x1234 and ren[0]["slot"] == s0
+    ren = [r for r in rig.fp.drain() if r.kind == RecordKind.RENUMBERED]
+    assert len(ren) == 1 and ren[0].pn == 1003 and ren[0].local_pn == 0x1234 and ren[0].slot == s0
 
 
 def test_congested_subscriber_skips_whole_low_priority_subgroups(rig):
@@ -232,8 +230,9 @@ def test_congested_subscriber_skips_whole_low_priority_subgroups(rig):
     assert rig.fp.dstream(busy, rig.up, 6).state == StreamState.SKIPPED
     assert rig.fp.dstream(busy, rig.up, 2).state == StreamState.FORWARD
     assert rig.fp.dstream(busy, rig.up, 10).state == StreamState.ABANDONED
-    hand = [e for e in rig.fp.drain() if e["kind"] == EventKind.HANDOVER]
-    assert len(hand) == 1 and hand[0]["state"] == StreamState.ABANDONED and hand[0]["frames"][0]["up_offset"] == 8
+    hand = [r for r in rig.fp.drain() if r.kind == RecordKind.HANDOVER]
+    assert len(hand) == 1 and hand[0].state == StreamState.ABANDONED and hand[0].up_offset == 8
+    assert hand[0].reason == HandoverReason.CONGESTION
     c = rig.fp.counters()
     assert c["skip_congestion"] == 1 and c["abandoned"] == 1
 
@@ -294,9 +293,9 @@ def test_flow_control_hands_the_stream_to_userspace(rig):
     assert len(got) == 1
     ds = rig.fp.dstream(slot, rig.up, 2)
     assert ds.state == StreamState.USER and ds.handover == 9
-    ev = rig.fp.drain()
-    hand = ev[ev["kind"] == EventKind.HANDOVER]
-    assert len(hand) == 1 and hand[0]["frames"][0]["up_offset"] == 9 and hand[0]["frames"][0]["stream"] == 3
+    hand = [r for r in rig.fp.drain() if r.kind == RecordKind.HANDOVER]
+    assert len(hand) == 1 and hand[0].up_offset == 9 and hand[0].stream == 3
+    assert hand[0].reason == HandoverReason.FLOW and hand[0].state == StreamState.USER
 
 
 def test_malformed_and_foreign_packets_only_go_up(rig):
@@ -404,12 +403,11 @@ def test_a_subscribers_ack_only_packets_become_records_and_everything_else_goes_
         with pytest.raises(TimeoutError):
             rig.relay_sock.recvfrom(4096)                                        # the absorbed one never came up
         rig.relay_sock.settimeout(2)
-        records = [r for r in rig.fp.drain() if r["kind"] == EventKind.ACKED]
+        records = [r for r in rig.fp.drain() if r.kind == RecordKind.ACK]
         assert len(records) == 1
         r = records[0]
-        assert (r["slot"], r["pn"], r["group"], r["local_pn"], r["nframes"]) == (slot, 1000, 77, 0x1234, 3)
-        assert [(int(f["offset"]), int(f["stream"])) for f in r["frames"][:3]] == [(998, 1000), (990, 995),
-                                                                                    (980, 985)]
+        assert (r.slot, r.largest, r.ack_delay, r.pn, r.nranges) == (slot, 1000, 77, 0x1234, 3)
+        assert [(x.smallest, x.largest) for x in r.ranges[:3]] == [(998, 1000), (990, 995), (980, 985)]
         assert rig.fp.counters()["acks_absorbed"] == 1
         rig.fp.host_cid(slot, None)                                              # no current id: nothing absorbed
         sub.sendto(absorbed, (link.relay_ipv4, PORT))

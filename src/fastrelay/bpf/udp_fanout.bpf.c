@@ -213,7 +213,7 @@ static __always_inline int to_relay(struct fr_fanout_config *cfg, struct fr_udp_
 		return 0;
 	if (cfg->dst_any)
 		return bpf_map_lookup_elem(&fr_fanout_local, p->daddr) != NULL;
-	return !__builtin_memcmp(p->daddr, cfg->dst_addr, 16);
+	return fr_addr_eq(p->daddr, cfg->dst_addr);
 }
 
 /* Reset TTL / hop limit once, before the copies are made (they all share it). */
@@ -282,7 +282,7 @@ int fr_udp_fanout(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	count(FR_FC_RX);
 
-	if (cfg->src_filter && __builtin_memcmp(p.saddr, cfg->src_addr, 16)) {
+	if (cfg->src_filter && !fr_addr_eq(p.saddr, cfg->src_addr)) {
 		count(FR_FC_DROP_SOURCE);
 		return TC_ACT_SHOT;
 	}

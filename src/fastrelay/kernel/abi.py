@@ -87,8 +87,11 @@ class DropConfig(ctypes.Structure):
 
 
 # ---------------------------------------------------------------- MoQT kernel fast path
+# the sizes the mirrors need; checked against enum fr_moq_limits in the object's BTF at load
+FR_MOQ_LIMITS = "fr_moq_limits"
 FR_MOQ_CID_LEN = 8
 FR_MOQ_MAX_FRAMES = 16
+FR_MOQ_MAX_ACK_RANGES = 16
 FR_MOQ_MAX_SUBS = 256
 FR_MOQ_MAX_CONNS = 4096
 FR_MOQ_MAX_TRACK_IDS = 4096
@@ -189,32 +192,82 @@ class MoqTakeArgs(ctypes.Structure):
     _fields_ = [("slot", u32), ("op", u32), ("value", s64), ("result", s64)]
 
 
-class MoqFrameRec(ctypes.Structure):
+class MoqSentFrame(ctypes.Structure):
     _fields_ = [
         ("stream", u64),
         ("offset", u64),
         ("up_stream", u64),
         ("up_offset", u64),
-        ("len", u32),
+        ("len", u16),
         ("fin", u8),
-        ("pad", u8 * 3),
+        ("datagram", u8),
+        ("pad", u8 * 4),
     ]
 
 
-class MoqEvent(ctypes.Structure):
+class MoqSent(ctypes.Structure):
     _fields_ = [
         ("kind", u8),
         ("nframes", u8),
-        ("state", u8),
-        ("priority", u8),
+        ("bytes", u16),
+        ("slot", u32),
+        ("gen", u32),
+        ("track", u32),
+        ("up", u32),
+        ("pad", u32),
+        ("pn", u64),
+        ("time_ns", u64),
+        ("frames", MoqSentFrame * FR_MOQ_MAX_FRAMES),
+    ]
+
+
+class MoqRenumbered(ctypes.Structure):
+    _fields_ = [
+        ("kind", u8),
+        ("pad", u8),
+        ("local_pn", u16),
         ("slot", u32),
         ("gen", u32),
         ("bytes", u32),
         ("pn", u64),
-        ("local_pn", u64),
         ("time_ns", u64),
+    ]
+
+
+class MoqHandover(ctypes.Structure):
+    _fields_ = [
+        ("kind", u8),
+        ("state", u8),
+        ("reason", u8),
+        ("priority", u8),
+        ("slot", u32),
+        ("gen", u32),
         ("track", u32),
         ("up", u32),
+        ("pad", u32),
+        ("stream", u64),
+        ("offset", u64),
+        ("up_stream", u64),
+        ("up_offset", u64),
         ("group", u64),
-        ("frames", MoqFrameRec * FR_MOQ_MAX_FRAMES),
+        ("time_ns", u64),
+    ]
+
+
+class MoqAckRange(ctypes.Structure):
+    _fields_ = [("smallest", u64), ("largest", u64)]
+
+
+class MoqAck(ctypes.Structure):
+    _fields_ = [
+        ("kind", u8),
+        ("nranges", u8),
+        ("pn", u16),
+        ("slot", u32),
+        ("gen", u32),
+        ("bytes", u32),
+        ("largest", u64),
+        ("ack_delay", u64),
+        ("time_ns", u64),
+        ("ranges", MoqAckRange * FR_MOQ_MAX_ACK_RANGES),
     ]

@@ -87,6 +87,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__name": (c_char_p, [c_void_p]),
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_program__set_log_buf": (c_int, [c_void_p, c_void_p, c_size_t]),
+    "bpf_program__set_log_level": (c_int, [c_void_p, c_uint32]),
+    "bpf_program__set_autoload": (c_int, [c_void_p, ctypes.c_bool]),
     "bpf_map__name": (c_char_p, [c_void_p]),
     "bpf_map__fd": (c_int, [c_void_p]),
     "bpf_map__type": (c_int, [c_void_p]),

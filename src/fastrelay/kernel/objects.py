@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,10 @@ from . import abi, build, privileges
 from .btf import KIND_STRUCT, Btf, check_layout
 from .errors import LayoutError, LoadError
 from .libbpf import BPF_ANY, BpfTestRunOpts, check, check_ptr, lib
-from .ringbuf import RingBuffer
+from .ringbuf import RecordRing, RingBuffer
+from .stats import prog_verified_insns
+
+log = logging.getLogger("fastrelay.kernel")
 
 BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 5, 6, 10
 BPF_MAP_TYPE_RINGBUF = 27
@@ -39,11 +43,28 @@ class RingLayout:
 
 
 @dataclass(frozen=True)
+class RecordsLayout:
+    """A ring buffer of several record types: `kinds` (an enum in BTF) names each record's first
+    byte; `records` maps a member of it to the ctypes mirror and the BTF struct it mirrors."""
+
+    kinds: str
+    records: Mapping[str, tuple[type[ctypes.Structure], str]]
+
+
+@dataclass(frozen=True)
 class PrivateMap:
     """A map only the programs use (per-CPU scratch space): no mirror, no access from Python."""
 
 
-type Layouts = Mapping[str, MapLayout | RingLayout | PrivateMap]
+@dataclass(frozen=True)
+class Constants:
+    """Sizes Python's mirrors are built with, checked against an enum of the object's BTF (a
+    #define would not reach BTF; the header declares them as enum members for this)."""
+
+    values: Mapping[str, int]
+
+
+type Layouts = Mapping[str, MapLayout | RingLayout | RecordsLayout | PrivateMap | Constants]
 
 _u32 = ctypes.c_uint32
 # Which mirror goes with which map, per program in bpf/; every entry is checked when the object loads.
@@ -59,6 +80,7 @@ LAYOUTS: dict[str, Layouts] = {
         "fr_fanout_events": RingLayout(abi.FanoutEvent, "fr_fanout_event"),
     },
     "lab_probe": {
+        "fr_tag_magic": Constants({"FR_TAG_MAGIC": abi.FR_TAG_MAGIC}),
         "fr_probe_cfg": MapLayout(_u32, abi.ProbeConfig),
         "fr_probe_ts": MapLayout(_u32, abi.ProbeTs),
         "fr_probe_slots": MapLayout(abi.ProbeMac, _u32),
@@ -82,8 +104,16 @@ LAYOUTS: dict[str, Layouts] = {
         "fr_moq_hcid": MapLayout(abi.MoqCid, abi.MoqSlot),
         "fr_moq_dstream": MapLayout(abi.MoqStreamKey, abi.MoqDstream),
         "fr_moq_stats": MapLayout(_u32, ctypes.c_uint64),
-        "fr_moq_events": RingLayout(abi.MoqEvent, "fr_moq_event"),
+        "fr_moq_events": RecordsLayout("fr_moq_record_kind", {
+            "FR_MOQ_REC_SENT": (abi.MoqSent, "fr_moq_sent"),
+            "FR_MOQ_REC_RENUMBERED": (abi.MoqRenumbered, "fr_moq_renumbered"),
+            "FR_MOQ_REC_HANDOVER": (abi.MoqHandover, "fr_moq_handover"),
+            "FR_MOQ_REC_ACK": (abi.MoqAck, "fr_moq_ack"),
+        }),
         "fr_moq_scratch": PrivateMap(),
+        abi.FR_MOQ_LIMITS: Constants({name: getattr(abi, name) for name in (
+            "FR_MOQ_CID_LEN", "FR_MOQ_MAX_FRAMES", "FR_MOQ_MAX_ACK_RANGES", "FR_MOQ_MAX_SUBS", "FR_MOQ_MAX_CONNS",
+            "FR_MOQ_MAX_TRACK_IDS")}),
     },
 }
 
@@ -208,12 +238,24 @@ class BpfObject:
             tail = "\n".join(text.rstrip().splitlines()[-LOG_TAIL_LINES:])
             raise LoadError(f"kernel rejected {self.path.name} (program {name}): error {-ret}", tail)
         self._logs.clear()  # the buffers are only needed for a failed load
+        # what each program cost the verifier here (kernel >= 5.16), for doctor and the logs
+        self.verified_insns: dict[str, int] = {}
+        while prog := lib.bpf_object__next_program(self._obj, prog):
+            fd = lib.bpf_program__fd(prog)
+            if fd >= 0:
+                self.verified_insns[lib.bpf_program__name(prog).decode()] = prog_verified_insns(fd)
+        log.debug("%s loaded: %s", self.path.name,
+                  ", ".join(f"{name} {n} insns verified" for name, n in self.verified_insns.items()))
         self.btf = Btf(lib.bpf_object__btf(self._obj))
         self._checked: set[tuple[str, type, type]] = set()
         try:
             for name, layout in self.layouts.items():
                 if isinstance(layout, RingLayout):
                     self._ring_handle(name, layout.record, layout.struct)
+                elif isinstance(layout, RecordsLayout):
+                    self._record_kinds(name, layout)
+                elif isinstance(layout, Constants):
+                    self._check_constants(name, layout)
                 elif isinstance(layout, MapLayout):
                     self.map(name, layout.key, layout.value)
                 else:
@@ -281,6 +323,34 @@ class BpfObject:
         if lib.bpf_map__type(h) != BPF_MAP_TYPE_RINGBUF:
             raise LayoutError(f"{name} is not a ring buffer")
         return h
+
+    def _record_kinds(self, name: str, layout: RecordsLayout) -> dict[int, type[ctypes.Structure]]:
+        """{first byte: mirror} of a ring of several record types, every mirror checked."""
+        values = self.enum(layout.kinds)
+        kinds = {}
+        for member, (record, struct) in layout.records.items():
+            if member not in values:
+                raise LayoutError(f"{name}: {layout.kinds} has no {member}")
+            self.struct(struct, record)
+            kinds[values[member]] = record
+        if lib.bpf_map__type(self._map_handle(name)) != BPF_MAP_TYPE_RINGBUF:
+            raise LayoutError(f"{name} is not a ring buffer")
+        return kinds
+
+    def _check_constants(self, enum: str, layout: Constants) -> None:
+        values = self.enum(enum)
+        for member, value in layout.values.items():
+            if values.get(member) != value:
+                raise LayoutError(f"{enum}.{member} is {values.get(member)} in the object, {value} in Python")
+
+    def records(self, name: str) -> RecordRing:
+        """A reader for ring buffer `name` of several record types (its RecordsLayout)."""
+        layout = self.layouts.get(name)
+        if not isinstance(layout, RecordsLayout):
+            raise LayoutError(f"{self.path.name}: no RecordsLayout declared for {name}")
+        kinds = self._record_kinds(name, layout)
+        h = self._map_handle(name)
+        return RecordRing(lib.bpf_map__fd(h), lib.bpf_map__max_entries(h), kinds)
 
     def ringbuf(self, name: str, record: type[ctypes.Structure] | None = None,
                 btf_struct: str | None = None) -> RingBuffer:

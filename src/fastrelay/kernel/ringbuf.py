@@ -1,4 +1,8 @@
-"""BPF ring-buffer reader working on the map's mmap'd pages directly.
+"""BPF ring-buffer readers working on the map's mmap'd pages directly.
+
+`RingBuffer` reads records of one fixed type in bulk (numpy); `RecordRing` reads records of
+several types told apart by their first byte, each as long as its content (a struct whose
+trailing array is written only as far as its count).
 
 libbpf 1.1 hands records to a ctypes callback one at a time (about 1 us each from
 Python) and its ring_buffer__poll never returns under sustained load. This reader maps
@@ -23,6 +27,7 @@ import mmap
 import platform
 import select
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -32,6 +37,7 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SIZE = 8
 _U64 = struct.Struct("<Q")
+_HDR = struct.Struct("<I")
 
 
 def _dtype_of(record: type[ctypes.Structure]) -> np.dtype:
@@ -45,10 +51,10 @@ def _dtype_of(record: type[ctypes.Structure]) -> np.dtype:
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize})
 
 
-class RingBuffer:
-    """Reads fixed-size records of ctypes type `record` from a BPF_MAP_TYPE_RINGBUF map."""
+class _Ring:
+    """The mmap'd pages of a BPF_MAP_TYPE_RINGBUF map and its wake-up epoll."""
 
-    def __init__(self, map_fd: int, size: int, record: type[ctypes.Structure]) -> None:
+    def __init__(self, map_fd: int, size: int) -> None:
         if platform.machine() != "x86_64":
             raise KernelError("the mmap ring-buffer reader relies on x86-64 memory ordering")
         if size & (size - 1) or size < mmap.PAGESIZE:
@@ -56,25 +62,72 @@ class RingBuffer:
         self._fd = map_fd
         self._mask = size - 1
         self.size = size  # bytes of record data the ring holds (headers included)
-        self.dtype = _dtype_of(record)
-        self._payload_len = ctypes.sizeof(record)
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
         self._wakeups = select.epoll()
         self._wakeups.register(map_fd, select.EPOLLIN | select.EPOLLET)
-        self.foreign_records = 0  # records of another size, skipped (counted)
+        self.foreign_records = 0  # records this reader does not know, skipped (counted)
 
     def fileno(self) -> int:
         """Readable after a producer woke readers (edge-triggered); consume() re-arms it."""
         return self._wakeups.fileno()
 
+    def _positions(self) -> tuple[int, int]:
+        """(consumer, producer) positions, taking the pending wake-up edge."""
+        self._wakeups.poll(0)
+        return _U64.unpack_from(self._cons, 0)[0], _U64.unpack_from(self._prod, 0)[0]
+
+    def close(self) -> None:
+        self._wakeups.close()
+        self._cons.close()
+        self._prod.close()
+
+
+class RecordRing(_Ring):
+    """Reads records of the ctypes types in `kinds` (first byte -> type), each possibly shorter
+    than its type (a trailing array written only as far as its count): the missing bytes read
+    as zeros."""
+
+    def __init__(self, map_fd: int, size: int, kinds: Mapping[int, type[ctypes.Structure]]) -> None:
+        super().__init__(map_fd, size)
+        self._kinds = {k: (t, ctypes.sizeof(t)) for k, t in kinds.items()}
+
+    def consume(self, budget: int = 1 << 16) -> list[ctypes.Structure]:
+        """Up to `budget` ready records, decoded, in order; never blocks."""
+        cons, prod = self._positions()
+        out: list[ctypes.Structure] = []
+        data, base, mask, kinds = self._prod, self._data_off, self._mask, self._kinds
+        while cons < prod and len(out) < budget:
+            start = base + (cons & mask)
+            (length,) = _HDR.unpack_from(data, start)
+            if length & BUSY_BIT:
+                break
+            size = length & ~DISCARD_BIT
+            if not length & DISCARD_BIT:
+                raw = data[start + HDR_SIZE:start + HDR_SIZE + size]
+                known = kinds.get(raw[0]) if raw else None
+                if known is None or size > known[1]:
+                    self.foreign_records += 1
+                else:
+                    out.append(known[0].from_buffer_copy(raw.ljust(known[1], b"\0")))
+            cons += (HDR_SIZE + size + 7) & ~7
+        _U64.pack_into(self._cons, 0, cons)
+        return out
+
+
+class RingBuffer(_Ring):
+    """Reads fixed-size records of ctypes type `record` from a BPF_MAP_TYPE_RINGBUF map."""
+
+    def __init__(self, map_fd: int, size: int, record: type[ctypes.Structure]) -> None:
+        super().__init__(map_fd, size)
+        self.dtype = _dtype_of(record)
+        self._payload_len = ctypes.sizeof(record)
+
     def consume(self, budget: int = 1 << 16) -> np.ndarray:
         """Up to `budget` ready records as a numpy structured array (a copy); never blocks."""
-        self._wakeups.poll(0)  # take the pending edge, if any
-        cons = _U64.unpack_from(self._cons, 0)[0]
-        prod = _U64.unpack_from(self._prod, 0)[0]
+        cons, prod = self._positions()
         step = self.dtype.itemsize
         n = min((prod - cons) // step, budget)
         if n <= 0:
@@ -98,8 +151,3 @@ class RingBuffer:
             return cons
         self.foreign_records += 1
         return cons + ((HDR_SIZE + (length & ~DISCARD_BIT) + 7) & ~7)
-
-    def close(self) -> None:
-        self._wakeups.close()
-        self._cons.close()
-        self._prod.close()

@@ -53,6 +53,11 @@ def prog_run_stats(prog_fd: int) -> RunStats:
     return RunStats(int(info["run_time_ns"]), int(info["run_cnt"]))
 
 
+def prog_verified_insns(prog_fd: int) -> int:
+    """Instructions the verifier processed to accept this program (kernel >= 5.16)."""
+    return int(_info(prog_fd, "bpf_prog_info", "verified_insns")["verified_insns"])
+
+
 def enable_run_stats() -> int:
     """Turn on BPF run-time accounting until the returned fd is closed."""
     return check(lib.bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")

@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-MAGIC = 0x46524C42
+from ..kernel.abi import FR_TAG_MAGIC
+
+MAGIC = FR_TAG_MAGIC
 TAG = struct.Struct("<IIQ")
 MIN_SIZE = TAG.size
 MAX_SIZE = 65507

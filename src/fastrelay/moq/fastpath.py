@@ -4,7 +4,7 @@ The relay's control plane decides; this class only writes those decisions into t
 (publisher connections, track aliases, subscriber connections and subscriptions), runs the
 atomic counter changes through the fr_moq_take syscall program and hands back the ring-
 buffer records (one per packet the kernel sent or renumbered, one per stream handed to
-userspace). It knows no QUIC and no MoQT beyond the map layouts.
+userspace, one per subscriber ACK it read). It knows no QUIC and no MoQT beyond the map layouts.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Self
-
-import numpy as np
 
 from ..kernel import abi
 from ..kernel.attach import TcLink
@@ -43,11 +41,21 @@ class Take(enum.IntEnum):
     SET_PN = 4
 
 
-class EventKind(enum.IntEnum):
+class RecordKind(enum.IntEnum):
+    """Ring-buffer record types (fr_moq_record_kind): abi.MoqSent, MoqRenumbered, MoqHandover, MoqAck."""
+
     SENT = 1
     RENUMBERED = 2
     HANDOVER = 3
-    ACKED = 4
+    ACK = 4
+
+
+class HandoverReason(enum.IntEnum):
+    """Why the kernel handed a stream to userspace (fr_moq_handover_reason)."""
+
+    FLOW = 1
+    SIZE = 2
+    CONGESTION = 3
 
 
 class UpstreamKind(enum.IntEnum):
@@ -129,7 +137,7 @@ class MoqFastPath:
             self._hcid = o.map("fr_moq_hcid")
             self._dstream = o.map("fr_moq_dstream")
             self._stats = o.map("fr_moq_stats")
-            self._events = o.ringbuf("fr_moq_events")
+            self._events = o.records("fr_moq_events")
             o.struct("fr_moq_take_args", abi.MoqTakeArgs)
             self._check_enums()
             self._take_fd = o.program("fr_moq_take").fd
@@ -159,7 +167,8 @@ class MoqFastPath:
 
     def _check_enums(self) -> None:
         for enum_type, name, prefix in ((Take, "fr_moq_take_op", "FR_MOQ_"),
-                                        (EventKind, "fr_moq_event_kind", "FR_MOQ_EV_"),
+                                        (RecordKind, "fr_moq_record_kind", "FR_MOQ_REC_"),
+                                        (HandoverReason, "fr_moq_handover_reason", "FR_MOQ_HO_"),
                                         (StreamState, "fr_moq_dstream_state", "FR_MOQ_DS_"),
                                         (UpstreamKind, "fr_moq_ustream_kind", "FR_MOQ_US_")):
             kernel = self.obj.enum(name)
@@ -394,8 +403,8 @@ class MoqFastPath:
         """Readable when the programs woke readers (an absorbed ACK, a filling ring)."""
         return self._events.fileno()
 
-    def drain(self, budget: int = RING_BUDGET) -> np.ndarray:
-        """Records the kernel wrote since the last call (numpy structured array)."""
+    def drain(self, budget: int = RING_BUDGET) -> list[abi.MoqSent | abi.MoqRenumbered | abi.MoqHandover | abi.MoqAck]:
+        """Records the kernel wrote since the last call, in order (RecordKind says which type)."""
         return self._events.consume(budget)
 
     def counters(self) -> dict[str, int]:

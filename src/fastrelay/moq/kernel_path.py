@@ -39,13 +39,12 @@ from ..nexthop import NextHopError, Resolver
 from ..quic import internals
 from ..quic.link import Limits, QuicLink
 from ..quic.registration import ExternalSender, SentStreamFrame
-from .fastpath import ConnSpec, EventKind, MoqFastPath, StreamState, Take
+from .fastpath import ConnSpec, MoqFastPath, RecordKind, StreamState, Take
 from .wire import Writer, varint_size
 
 log = logging.getLogger("fastrelay.kernel_path")
 
 ABANDONED_RESET_CODE = 0x1  # draft-16 data stream reset CANCELLED: the relay gave the subgroup up
-DATAGRAM_STREAM = (1 << 64) - 1
 MIRROR_GRACE_S = 5.0  # an ended upstream stream's bytes are kept this long for late records
 # the kernel keeps an ended upstream stream known as ended this long: a late copy of its start cannot
 # come later than the connection's idle timeout (it would have closed without the relay's ACKs)
@@ -454,31 +453,29 @@ class KernelPath:
         """Apply every record the kernel wrote (called before any datagram is processed)."""
         acks: dict[_Down, _AckBatch] = {}
         while True:
-            events = self.fp.drain()
-            names = events.dtype.names[2:]  # after the ring-buffer header
-            for row in events.tolist():  # plain Python values: far cheaper to read than numpy scalars
-                ev = dict(zip(names, row[2:], strict=True))
-                kind = ev["kind"]
-                down = self._slots.get(ev["slot"])
+            records = self.fp.drain()
+            for rec in records:
+                down = self._slots.get(rec.slot)
                 if down is None or down.spec is None:
                     self.stats.unmatched += 1
                     continue
-                if kind == EventKind.ACKED:
-                    self._absorbed(down, ev, acks)
-                elif kind == EventKind.SENT:
-                    self._sent(down, ev)
-                elif kind == EventKind.RENUMBERED:
-                    local = down.ext.awaiting(ev["local_pn"])
+                kind = rec.kind
+                if kind == RecordKind.ACK:
+                    self._absorbed(down, rec, acks)
+                elif kind == RecordKind.SENT:
+                    self._sent(down, rec)
+                elif kind == RecordKind.RENUMBERED:
+                    local = down.ext.awaiting(rec.local_pn)
                     if local is None:
                         self.stats.unmatched += 1
                         continue
-                    down.ext.renumber(local, ev["pn"])
+                    down.ext.renumber(local, rec.pn)
                     down.user_packets += 1
-                    down.user_bytes += ev["bytes"]
+                    down.user_bytes += rec.bytes
                     self.stats.renumbered += 1
-                elif kind == EventKind.HANDOVER:
-                    self._handover(down, ev)
-            if len(events) < MoqFastPath.RING_BUDGET:
+                elif kind == RecordKind.HANDOVER:
+                    self._handover(down, rec)
+            if len(records) < MoqFastPath.RING_BUDGET:
                 break
         for down, batch in acks.items():
             lost = down.ext.packets_lost
@@ -489,34 +486,35 @@ class KernelPath:
             if down.link in self._downs:
                 self._publish(down)
 
-    def _absorbed(self, down: _Down, ev: dict, acks: dict[_Down, _AckBatch]) -> None:
+    def _absorbed(self, down: _Down, rec: abi.MoqAck, acks: dict[_Down, _AckBatch]) -> None:
         """An ACK-only packet of the subscriber, read by the kernel: the packet counts as received,
         its ACK ranges join this drain's acknowledgement of the connection."""
-        at = ev["time_ns"] / 1e9
-        if not internals.note_received(down.link.quic, ev["local_pn"], at):
+        at = rec.time_ns / 1e9
+        if not internals.note_received(down.link.quic, rec.pn, at):
             return  # a duplicate
         down.acks_absorbed += 1
         self.stats.acks_absorbed += 1
         batch = acks.setdefault(down, _AckBatch(RangeSet()))
-        for hi, lo, *_ in ev["frames"][:ev["nframes"]].tolist():
-            batch.ranges.add(lo, hi + 1)
-        if ev["pn"] >= batch.largest:
-            batch.largest, batch.delay, batch.at = ev["pn"], ev["group"], at
+        for r in rec.ranges[:rec.nranges]:
+            batch.ranges.add(r.smallest, r.largest + 1)
+        if rec.largest >= batch.largest:
+            batch.largest, batch.delay, batch.at = rec.largest, rec.ack_delay, at
 
     def _before_input(self, link: QuicLink) -> None:
         """Before a datagram reaches aioquic: every record applied (an ACK in it for a number the
         kernel handed out whose packet is not registered yet is held: the allocation probe)."""
         self.drain()
 
-    def _sent(self, down: _Down, ev: dict) -> None:
-        n = ev["nframes"]
+    def _sent(self, down: _Down, rec: abi.MoqSent) -> None:
+        n = rec.nframes
         if n == 0:
             return  # a number the kernel spent without sending: nothing to register
-        up, track = ev["up"], ev["track"]
+        up, track = rec.up, rec.track
         frames = []
-        for sid, off, up_stream, up_off, length, fin, _ in ev["frames"][:n].tolist():
-            if sid == DATAGRAM_STREAM:
+        for f in rec.frames[:n]:
+            if f.datagram:
                 continue
+            sid, off, up_stream, up_off, length, fin = f.stream, f.offset, f.up_stream, f.up_offset, f.len, f.fin
             if sid not in down.registered:  # its first record (a retransmitted start comes again)
                 try:
                     down.ext.open_stream(sid)
@@ -539,18 +537,17 @@ class KernelPath:
             mirror.users += 1
             frames.append((sid, off, length, up_stream, up_off, bool(fin)))
         down.kernel_packets += 1
-        down.kernel_bytes += ev["bytes"]
+        down.kernel_bytes += rec.bytes
         self.stats.packets += 1
-        self.stats.bytes += ev["bytes"]
-        self._try_register(_Pending(down, ev["pn"], ev["time_ns"] / 1e9, ev["bytes"], frames, up, track))
+        self.stats.bytes += rec.bytes
+        self._try_register(_Pending(down, rec.pn, rec.time_ns / 1e9, rec.bytes, frames, up, track))
 
-    def _handover(self, down: _Down, ev: dict) -> None:
-        sid, _, up_stream, up_off, _, _, _ = ev["frames"][0].item()
-        up = ev["up"]
+    def _handover(self, down: _Down, rec: abi.MoqHandover) -> None:
+        sid, up_stream, up_off, up = rec.stream, rec.up_stream, rec.up_offset, rec.up
         self.stats.handovers += 1
-        if ev["state"] == StreamState.ABANDONED:
+        if rec.state == StreamState.ABANDONED:
             self.stats.abandoned += 1
-            ds = down.tracks.get(ev["track"])
+            ds = down.tracks.get(rec.track)
             if ds is not None:
                 ds.dropped += 1
             down.continuations[(up, up_stream)] = _Continuation(sid, 0, -1)

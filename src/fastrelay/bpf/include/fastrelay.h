@@ -16,7 +16,9 @@
 #define FR_PROBE_SLOTS 256           /* probe receivers (subscriber interfaces) */
 #define FR_PROBE_TS_SLOTS 65536      /* publisher timestamps kept, indexed by seq */
 #define FR_HIST_BUCKETS 512          /* log-linear delay histogram, see fr_hist_bucket() */
-#define FR_TAG_MAGIC 0x46524c42      /* "FRLB", little endian in the payload */
+enum fr_tag_magic {
+	FR_TAG_MAGIC = 0x46524c42,   /* "FRLB", little endian in the payload */
+};
 
 /*
  * Keep a type's BTF in the object even when only the stack or constants use it
@@ -154,18 +156,22 @@ enum fr_drop_counter {
  * connection id, packet number, stream ids and track alias) and reports it, and renumbers
  * the packets userspace itself sends on B_i from the same counter.
  */
-#define FR_MOQ_CID_LEN 8             /* connection id length (aioquic's default) */
-#define FR_MOQ_TAG_LEN 16            /* identity AEAD: 16 zero bytes */
-#define FR_MOQ_BUF 2048              /* scratch buffers; power of two (indices are masked) */
-#define FR_MOQ_MAX_PAYLOAD 1472      /* largest UDP payload handled in the kernel */
-#define FR_MOQ_MAX_FRAMES 16         /* media frames per packet; ranges per absorbed ACK */
-#define FR_MOQ_ACK_MAX_PAYLOAD 128   /* larger ACK-only packets go up to userspace */
-#define FR_MOQ_RING_SIZE (1 << 25)   /* fr_moq_events: 32 MiB, about 45000 records */
-#define FR_MOQ_MAX_TRACKS 4          /* distinct tracks per packet */
-#define FR_MOQ_MAX_SUBS 256          /* kernel-path subscribers per track */
-#define FR_MOQ_MAX_CONNS 4096        /* downstream connection slots */
-#define FR_MOQ_MAX_TRACK_IDS 4096    /* track ids (relay-wide) */
-#define FR_MOQ_STREAM_RESERVE 16     /* stream credit kept for protected (high-priority) subgroups */
+/* Sizes both sides need: an enum, so they reach Python through BTF (checked at load). */
+enum fr_moq_limits {
+	FR_MOQ_CID_LEN = 8,            /* connection id length (aioquic's default) */
+	FR_MOQ_TAG_LEN = 16,           /* identity AEAD: 16 zero bytes */
+	FR_MOQ_BUF = 2048,             /* scratch buffers; power of two (indices are masked) */
+	FR_MOQ_MAX_PAYLOAD = 1472,     /* largest UDP payload handled in the kernel */
+	FR_MOQ_MAX_FRAMES = 16,        /* media frames per packet */
+	FR_MOQ_MAX_ACK_RANGES = 16,    /* ranges per absorbed ACK */
+	FR_MOQ_ACK_MAX_PAYLOAD = 128,  /* larger ACK-only packets go up to userspace */
+	FR_MOQ_RING_SIZE = 1 << 25,    /* fr_moq_events: 32 MiB, over 300000 one-frame SENT records */
+	FR_MOQ_MAX_TRACKS = 4,         /* distinct tracks per packet */
+	FR_MOQ_MAX_SUBS = 256,         /* kernel-path subscribers per track */
+	FR_MOQ_MAX_CONNS = 4096,       /* downstream connection slots */
+	FR_MOQ_MAX_TRACK_IDS = 4096,   /* track ids (relay-wide) */
+	FR_MOQ_STREAM_RESERVE = 16,    /* stream credit kept for protected (high-priority) subgroups */
+};
 
 struct fr_moq_cid {
 	__u8 b[FR_MOQ_CID_LEN];
@@ -317,43 +323,95 @@ enum fr_moq_take_op {
 	FR_MOQ_SET_PN,               /* next_pn = max(next_pn, value) */
 };
 
-/* Ring buffer fr_moq_events: one record per packet the egress sent or renumbered, and one
- * per stream decision. */
-enum fr_moq_event_kind {
-	FR_MOQ_EV_SENT = 1,          /* a kernel-built packet left: register it */
-	FR_MOQ_EV_RENUMBERED,        /* a userspace packet left with number pn (was local_pn) */
-	FR_MOQ_EV_HANDOVER,          /* stream handed to userspace (state, frames[0]: streams, offset) */
-	FR_MOQ_EV_ACKED,             /* an ACK-only packet of the peer, absorbed: pn = largest acknowledged,
-				      * group = ACK Delay field (unscaled), local_pn = the packet's own
-				      * 16-bit number, nframes ACK ranges with frames[i].offset = smallest
-				      * and frames[i].stream = largest (highest range first), time_ns = arrival */
+/*
+ * Ring buffer fr_moq_events. Each record type has its own struct; all start with kind, slot
+ * and gen at the same offsets, and those ending in an array are written only as far as their
+ * count says (the ring's record length tells the reader too).
+ */
+enum fr_moq_record_kind {
+	FR_MOQ_REC_SENT = 1,           /* a kernel-built packet left: register it */
+	FR_MOQ_REC_RENUMBERED,         /* a userspace packet left with another number */
+	FR_MOQ_REC_HANDOVER,           /* a stream handed to userspace */
+	FR_MOQ_REC_ACK,                /* an ACK-only packet of the peer, read and dropped */
 };
 
-struct fr_moq_frame_rec {
-	__u64 stream;                /* downstream stream id; ~0 = DATAGRAM frame */
-	__u64 offset;                /* downstream offset */
-	__u64 up_stream;
+/* One STREAM or DATAGRAM frame of a SENT packet. */
+struct fr_moq_sent_frame {
+	__u64 stream;                  /* downstream stream id (DATAGRAM: 0, see `datagram`) */
+	__u64 offset;                  /* downstream offset */
+	__u64 up_stream;               /* the upstream stream it was copied from */
 	__u64 up_offset;
-	__u32 len;
+	__u16 len;                     /* frame data bytes */
 	__u8 fin;
-	__u8 pad[3];
+	__u8 datagram;                 /* a DATAGRAM frame (an object datagram), not a STREAM frame */
+	__u8 pad[4];
 };
 
-struct fr_moq_event {
-	__u8 kind;                   /* enum fr_moq_event_kind */
-	__u8 nframes;
-	__u8 state;                  /* HANDOVER: enum fr_moq_dstream_state */
-	__u8 priority;
+struct fr_moq_sent {
+	__u8 kind;                     /* FR_MOQ_REC_SENT */
+	__u8 nframes;                  /* 0: the number was spent on a packet that was dropped */
+	__u16 bytes;                   /* UDP payload bytes */
 	__u32 slot;
 	__u32 gen;
-	__u32 bytes;                 /* UDP payload bytes (SENT) */
-	__u64 pn;                    /* wire packet number (SENT, RENUMBERED) */
-	__u64 local_pn;              /* RENUMBERED: the 16 bits userspace wrote */
-	__u64 time_ns;               /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u32 track;
+	__u32 up;                      /* upstream connection the frames came from */
+	__u32 pad;
+	__u64 pn;                      /* wire packet number */
+	__u64 time_ns;                 /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	struct fr_moq_sent_frame frames[FR_MOQ_MAX_FRAMES];
+};
+
+struct fr_moq_renumbered {
+	__u8 kind;                     /* FR_MOQ_REC_RENUMBERED */
+	__u8 pad;
+	__u16 local_pn;                /* the 16 bits userspace wrote */
+	__u32 slot;
+	__u32 gen;
+	__u32 bytes;                   /* UDP payload bytes */
+	__u64 pn;                      /* the number it left with */
+	__u64 time_ns;
+};
+
+enum fr_moq_handover_reason {
+	FR_MOQ_HO_FLOW = 1,            /* the peer's flow-control credit: userspace continues it */
+	FR_MOQ_HO_SIZE,                /* the copy would not fit the packet: userspace continues it */
+	FR_MOQ_HO_CONGESTION,          /* a low-priority subgroup of a congested peer: abandoned, userspace resets it */
+};
+
+struct fr_moq_handover {
+	__u8 kind;                     /* FR_MOQ_REC_HANDOVER */
+	__u8 state;                    /* enum fr_moq_dstream_state: USER or ABANDONED */
+	__u8 reason;                   /* enum fr_moq_handover_reason */
+	__u8 priority;                 /* the subgroup's publisher priority */
+	__u32 slot;
+	__u32 gen;
 	__u32 track;
 	__u32 up;
-	__u64 group;                 /* HANDOVER: the subgroup's group */
-	struct fr_moq_frame_rec frames[FR_MOQ_MAX_FRAMES];
+	__u32 pad;
+	__u64 stream;                  /* downstream stream id */
+	__u64 offset;                  /* downstream offset the kernel stopped at */
+	__u64 up_stream;
+	__u64 up_offset;               /* upstream offset userspace continues from */
+	__u64 group;
+	__u64 time_ns;
+};
+
+struct fr_moq_ack_range {
+	__u64 smallest;
+	__u64 largest;
+};
+
+struct fr_moq_ack {
+	__u8 kind;                     /* FR_MOQ_REC_ACK */
+	__u8 nranges;                  /* highest range first */
+	__u16 pn;                      /* the ACK packet's own (16-bit) number */
+	__u32 slot;
+	__u32 gen;
+	__u32 bytes;                   /* its UDP payload bytes */
+	__u64 largest;                 /* Largest Acknowledged */
+	__u64 ack_delay;               /* ACK Delay field as sent (unscaled) */
+	__u64 time_ns;                 /* arrival */
+	struct fr_moq_ack_range ranges[FR_MOQ_MAX_ACK_RANGES];
 };
 
 enum fr_moq_counter {
@@ -377,7 +435,7 @@ enum fr_moq_counter {
 	FR_MQ_DROP_EMPTY,            /* clones with nothing for the subscriber */
 	FR_MQ_CLONE_DROPPED,         /* clones the egress dropped (nothing for that subscriber) or that failed */
 	FR_MQ_ERR,                   /* helper failures */
-	FR_MQ_RINGBUF_FULL,          /* packet not sent: its record could not be reserved */
+	FR_MQ_RINGBUF_FULL,          /* packet not sent: no room for its record */
 	FR_MQ_ACKS_ABSORBED,         /* ACK-only packets of kernel-path subscribers turned into records */
 	FR_MQ_ACKS_PASSED_BUSY,      /* ... passed up instead: the ring was filling (the relay is behind) */
 	FR_MQ_MAX,
