@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+from collections.abc import Coroutine
 
 from .kernel.errors import KernelError
 
@@ -13,17 +15,29 @@ from .kernel.errors import KernelError
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import render, run_checks
 
-    checks = run_checks()
+    checks = run_checks(args.source)
     print(json.dumps([c.as_dict() for c in checks], indent=2) if args.json else render(checks))
     return 0 if all(c.ok or c.name == "netem" for c in checks) else 1
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .kernel.build import build_all
+    from .kernel.build import build_all, variants
 
-    for name, path in build_all().items():
-        print(f"{name}: {path}")
-    return 0
+    if not args.verifier:
+        for name, path in build_all().items():
+            print(f"{name}: {path}")
+        return 0
+    from .kernel.verifier import BOUND, measure_all
+
+    costs = [c for v in variants() for c in measure_all(v)]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in costs], indent=2))
+    else:
+        print(f"{'program':16} {'variant':22} processed insns (bound {BOUND:,})")
+        for c in sorted(costs, key=lambda c: (c.source, c.program)):
+            count = f"{c.insns:,}" if c.insns is not None else "?"
+            print(f"{c.program:16} {c.variant:22} {count}{'' if c.ok else '  ' + c.error}")
+    return 0 if all(c.ok and c.insns is not None and c.insns <= BOUND for c in costs) else 1
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -227,9 +241,47 @@ def _kernel_path(args: argparse.Namespace, url):
                       protect_priority=args.protect_priority, absorb_acks=not args.pass_acks)
 
 
-def _publish(args: argparse.Namespace) -> int:
+def _connect_timeout(text: str) -> float:
+    """--connect-timeout: a positive, finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, object]:
+    """publish()/subscribe() keyword arguments shared by both commands."""
+    return {"version": _draft(args.draft), "plaintext": args.insecure_plaintext, "verify_cert": args.verify_cert,
+            "cafile": args.ca, "connect_timeout": args.connect_timeout}
+
+
+def _run_client[T](args: argparse.Namespace, main: Coroutine[object, object, T]) -> T | int:
+    """asyncio.run(main) for publish/subscribe: a failed connection becomes one line and its
+    ConnectFailure exit code. aioquic's own log lines (a refused certificate is also its
+    warning) are kept for --verbose."""
     import asyncio
 
+    from .moq.endpoint import ConnectFailed, ConnectFailure
+
+    if not args.verbose:
+        logging.getLogger("quic").setLevel(logging.ERROR)
+    try:
+        return asyncio.run(main)
+    except ConnectFailed as exc:
+        hint = ""
+        if exc.failure == ConnectFailure.CERTIFICATE_REFUSED:
+            hint = ("; trust it with --ca FILE (the relay's --cert, or its CA), or leave out --verify-cert and"
+                    " --ca to skip verification (INSECURE)")
+        elif exc.failure == ConnectFailure.VERSION_REFUSED:
+            hint = f"; try --draft {'14' if args.draft == '16' else '16'}"
+        print(f"fastrelay: error: {exc}{hint}", file=sys.stderr)
+        return exc.failure
+
+
+def _publish(args: argparse.Namespace) -> int:
     from .media.h264 import H264Source, SyntheticSource
     from .moq.publisher import publish
 
@@ -240,27 +292,36 @@ def _publish(args: argparse.Namespace) -> int:
         source = H264Source(pattern=args.source, fps=args.fps, gop=args.gop, duration=args.duration, realtime=True)
     else:
         source = H264Source(args.source, duration=args.duration, realtime=True)
-    result = asyncio.run(publish(args.url, _namespace(args.namespace), args.track.encode(), source,
-                                 version=_draft(args.draft), wait_subscriber=args.wait,
-                                 plaintext=args.insecure_plaintext))
+    result = _run_client(args, publish(args.url, _namespace(args.namespace), args.track.encode(), source,
+                                       wait_subscriber=args.wait, **_client_options(args)))
+    if isinstance(result, int):
+        return result
     print(json.dumps(result.__dict__))
     return 0
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    import asyncio
-
     from .moq.subscriber import subscribe
 
     def report(snapshot: dict[str, object]) -> None:
         print(json.dumps({"progress": snapshot}), flush=True)
 
-    result = asyncio.run(subscribe(args.url, _namespace(args.namespace), args.track.encode(),
-                                   version=_draft(args.draft), out=args.out, duration=args.duration,
-                                   codec="raw" if args.raw else "h264", progress=report if args.progress else None,
-                                   plaintext=args.insecure_plaintext))
+    result = _run_client(args, subscribe(args.url, _namespace(args.namespace), args.track.encode(), out=args.out,
+                                         duration=args.duration, codec="raw" if args.raw else "h264",
+                                         progress=report if args.progress else None, **_client_options(args)))
+    if isinstance(result, int):
+        return result
     print(json.dumps(result.summary()))
     return 0
+
+
+def _client_epilog() -> str:
+    """publish/subscribe --help: the exit codes."""
+    from .moq.endpoint import CONNECT_FAILURE_HELP
+
+    codes = [(0, "done"), (1, "any other error (e.g. the relay refused the request)"), (2, "bad arguments"),
+             *((int(failure), text) for failure, text in CONNECT_FAILURE_HELP.items())]
+    return "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in codes)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -276,9 +337,15 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check what this machine supports")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--source", action="append", metavar="NAME|PATH.bpf.c",
+                   help="load only these BPF program sources (repeatable; default: every one in bpf/)")
     d.set_defaults(fn=_doctor)
 
     b = sub.add_parser("build", help="compile every BPF program (cached)")
+    b.add_argument("--verifier", action="store_true",
+                   help="also load each program under every build variant (clang 19/14, -mcpu v2/v3/v4) and"
+                        " print what it cost the verifier; exit 1 if one is rejected or over the 20%% bound")
+    b.add_argument("--json", action="store_true", help="with --verifier: one JSON list")
     b.set_defaults(fn=_build)
 
     cl = sub.add_parser("cleanup", help="remove kernel state a killed run left (clsact filters, pins)")
@@ -340,9 +407,12 @@ def parser() -> argparse.ArgumentParser:
                    help="offer QUIC without packet protection (only peers offering it too use it); INSECURE")
     r.set_defaults(fn=_relay)
 
+    from .moq.endpoint import CONNECT_TIMEOUT_S
+
     for name, fn, text in (("publish", _publish, "publish a track through a relay"),
                            ("subscribe", _subscribe, "subscribe to a track through a relay")):
-        c = sub.add_parser(name, help=text)
+        c = sub.add_parser(name, help=text, epilog=_client_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         c.add_argument("url", metavar="moqt://HOST:PORT")
         c.add_argument("-N", "--namespace", required=True, help="track namespace, fields separated by '/'")
         c.add_argument("-T", "--track", required=True, help="track name")
@@ -350,6 +420,14 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--duration", type=float, default=None, help="seconds (default: until the end)")
         c.add_argument("--insecure-plaintext", action="store_true",
                        help="offer QUIC without packet protection (for a kernel-path relay); INSECURE")
+        c.add_argument("--connect-timeout", type=_connect_timeout, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                       help="wait this long for the relay's QUIC handshake, then for its SERVER_SETUP"
+                            " (default %(default)g)")
+        c.add_argument("--verify-cert", action="store_true",
+                       help="verify the relay's TLS certificate (system CAs, or --ca); default: not verified")
+        c.add_argument("--ca", metavar="FILE",
+                       help="trust this PEM certificate or CA bundle for the relay's certificate"
+                            " (implies --verify-cert)")
         c.set_defaults(fn=fn)
         if name == "publish":
             c.add_argument("--source", default="testsrc", help="testsrc | testsrc2 | synthetic | FILE")

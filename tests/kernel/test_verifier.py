@@ -91,3 +91,17 @@ def test_the_default_variant_is_the_one_the_relays_load(root):
     costs = verifier.measure("lab_dropper")
     assert [c.program for c in costs] == ["fr_lab_drop"] and costs[0].ok and 0 < costs[0].insns < verifier.BOUND
     assert costs[0].variant.endswith(f"-mcpu={build.DEFAULT_CPU}")
+
+
+def test_build_verifier_lists_every_program_under_every_variant(root):
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fastrelay", "build", "--verifier", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert {(r["program"], r["variant"]) for r in rows} == {
+        (p, str(v)) for v in build.variants() for progs in ALL_PROGRAMS.values() for p in progs}
+    assert all(r["ok"] and r["insns"] <= verifier.BOUND for r in rows)

@@ -11,19 +11,17 @@ import urllib.request
 from contextlib import contextmanager
 
 import pytest
-from aioquic.asyncio import connect
 
 from fastrelay.demo import dropped_objects
 from fastrelay.media.h264 import SyntheticSource
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import FetchHeader
-from fastrelay.moq.endpoint import ALPN_OF, MoqtClient, SessionGlue
+from fastrelay.moq.endpoint import ConnectFailed, ConnectFailure, MoqtClient
 from fastrelay.moq.params import Version
 from fastrelay.moq.publisher import publish
-from fastrelay.moq.session import ObjectReceived, Ready, StreamEnded
+from fastrelay.moq.session import ObjectReceived, StreamEnded
 from fastrelay.moq.subscriber import subscribe
 from fastrelay.moq.wire import Location
-from fastrelay.quic.link import QuicLink, configuration
 from fastrelay.quic.tls import self_signed
 
 NS, TRACK = (b"late", b"join"), b"video"
@@ -98,22 +96,10 @@ def relay_process(tmp_path, *args: str, metrics: int | None = None):
         proc.stdout.close()
 
 
-async def _ready_with_ca(port: int, cafile: str) -> Ready:
-    """Connect verifying the server's certificate against `cafile`; the MoQT session's Ready."""
-    cfg = configuration(client=True, alpn=[ALPN_OF[Version.DRAFT_16]], verify=True, server_name="127.0.0.1")
-    cfg.load_verify_locations(cafile=cafile)
-    ready: asyncio.Future[Ready] = asyncio.get_running_loop().create_future()
-
-    def on_event(ev) -> None:
-        if isinstance(ev, Ready) and not ready.done():
-            ready.set_result(ev)
-
-    def factory(link: QuicLink) -> SessionGlue:
-        return SessionGlue(link, client=True, on_session=lambda session: on_event)
-
-    async with connect("127.0.0.1", port, configuration=cfg,
-                       create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=factory, **k)):
-        return await asyncio.wait_for(ready, 5)
+async def _version_with_ca(url: str, cafile: str) -> Version:
+    """Connect verifying the relay's certificate against `cafile`; the session's MoQT version."""
+    async with MoqtClient(url, cafile=cafile) as client:
+        return client.session.version
 
 
 def test_given_certificate_is_served_and_verifies(tmp_path):
@@ -123,11 +109,10 @@ def test_given_certificate_is_served_and_verifies(tmp_path):
     (tmp_path / "other.crt").write_bytes(self_signed(["127.0.0.1"])[0])
     with relay_process(tmp_path, "--cert", str(tmp_path / "relay.crt"), "--key", str(tmp_path / "relay.key")) as (
             relay, url):
-        port = int(url.rsplit(":", 1)[1])
-        ready = asyncio.run(_ready_with_ca(port, str(tmp_path / "relay.crt")))
-        assert ready.version == Version.DRAFT_16
-        with pytest.raises(ConnectionError):  # a client trusting another certificate refuses this relay
-            asyncio.run(_ready_with_ca(port, str(tmp_path / "other.crt")))
+        assert asyncio.run(_version_with_ca(url, str(tmp_path / "relay.crt"))) == Version.DRAFT_16
+        with pytest.raises(ConnectFailed) as refused:  # a client trusting another certificate refuses this relay
+            asyncio.run(_version_with_ca(url, str(tmp_path / "other.crt")))
+        assert refused.value.failure == ConnectFailure.CERTIFICATE_REFUSED
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=10)
     log = next(tmp_path.glob("relay-*.log")).read_text()

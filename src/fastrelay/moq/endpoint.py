@@ -2,24 +2,32 @@
 
 ALPN picks the draft: `moqt-16` is draft-16, `moq-00` is draft-14 (whose version is then
 confirmed in CLIENT_SETUP/SERVER_SETUP).
+
+A client that cannot reach a session raises ConnectFailed, whose ConnectFailure says how (no
+answer, certificate refused, draft refused, SETUP failed): one line for the user, one exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 from aioquic.asyncio import connect, serve
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import AlertDescription
 
 from ..quic.link import Limits, QuicLink, configuration
 from . import messages as m
 from .params import ALPN, LEGACY_ALPN, Version
 from .relay import Relay
 from .session import Closed, Event, MessageReceived, MoqtSession, Ready
+from .wire import ErrorCode
 
 if TYPE_CHECKING:
     from .kernel_path import KernelPath
@@ -28,6 +36,42 @@ log = logging.getLogger("fastrelay.moq")
 
 ALPN_OF = {Version.DRAFT_16: ALPN[Version.DRAFT_16], Version.DRAFT_14: LEGACY_ALPN}
 VERSION_OF = {alpn: v for v, alpn in ALPN_OF.items()}
+CONNECT_TIMEOUT_S = 5.0  # default wait for the QUIC handshake, then again for SERVER_SETUP
+
+
+class ConnectFailure(enum.IntEnum):
+    """How connecting a client to a relay failed. The values are the exit codes of `fastrelay
+    publish` and `subscribe` (next to 1, any other error, and 2, bad arguments)."""
+
+    NO_ANSWER = 3
+    CERTIFICATE_REFUSED = 4
+    VERSION_REFUSED = 5
+    SETUP_FAILED = 6
+    HANDSHAKE_FAILED = 7
+
+
+CONNECT_FAILURE_HELP = {
+    ConnectFailure.NO_ANSWER: "no QUIC answer from the relay within --connect-timeout",
+    ConnectFailure.CERTIFICATE_REFUSED: "the relay's TLS certificate was refused (--verify-cert, --ca)",
+    ConnectFailure.VERSION_REFUSED: "the relay does not speak our MoQT draft (ALPN refused; see --draft)",
+    ConnectFailure.SETUP_FAILED: "the relay ended the session during MoQT SETUP, or sent no SERVER_SETUP in time",
+    ConnectFailure.HANDSHAKE_FAILED: "any other QUIC/TLS handshake failure",
+}
+
+
+class ConnectFailed(ConnectionError):
+    """A client could not get a MoQT session: `failure` says how, str() is one line for the user."""
+
+    def __init__(self, failure: ConnectFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+# alerts our TLS client raises when it refuses the server's certificate (the relay asks for no
+# client certificate, so it never sends these)
+_CERTIFICATE_ALERTS = {AlertDescription.bad_certificate, AlertDescription.unsupported_certificate,
+                       AlertDescription.certificate_revoked, AlertDescription.certificate_expired,
+                       AlertDescription.certificate_unknown, AlertDescription.unknown_ca}
 
 
 @dataclass(frozen=True)
@@ -44,6 +88,11 @@ class MoqtUrl:
         if not u.hostname or not u.port:
             raise ValueError(f"{text!r}: host and port are required")
         return cls(u.hostname, u.port, u.path)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT ([HOST]:PORT for IPv6), for messages."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class SessionGlue:
@@ -121,19 +170,48 @@ async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
                        create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=factory, **k))
 
 
+class _ClientLink(QuicLink):
+    """QuicLink that says whether its handshake completed and keeps how its connection ended
+    (handlers only see the code and reason)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.ended: ConnectionTerminated | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ConnectionTerminated):
+            self.ended = event  # before the handshake's result: a failed one is read from it
+        if isinstance(event, HandshakeCompleted | ConnectionTerminated) and not self.handshake.done():
+            self.handshake.set_result(isinstance(event, HandshakeCompleted))
+        super().quic_event_received(event)
+
+
 class MoqtClient:
-    """A client session as an async context manager with an event queue and request helpers."""
+    """A client session as an async context manager with an event queue and request helpers.
+
+    Entering it raises ConnectFailed if the relay gives no session: no QUIC handshake within
+    `connect_timeout` seconds, a refused certificate (only checked with `verify` or `cafile`)
+    or draft, a SETUP failure, or no SERVER_SETUP within `connect_timeout` more seconds."""
 
     def __init__(self, url: str, version: Version = Version.DRAFT_16, *, verify: bool = False,
-                 limits: Limits | None = None, plaintext: bool = False) -> None:
+                 cafile: str | None = None, limits: Limits | None = None, plaintext: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         self.url = MoqtUrl.parse(url)
         self.version = version
-        self._cfg = configuration(client=True, alpn=[ALPN_OF[version]], verify=verify, limits=limits,
-                                  server_name=self.url.host, plaintext=plaintext)
+        self.connect_timeout = connect_timeout
+        limits = limits or Limits()
+        # aioquic's idle timer runs during the handshake too: it must not cut a slow one short
+        limits = replace(limits, idle_timeout=max(limits.idle_timeout, connect_timeout + 1))
+        self._cfg = configuration(client=True, alpn=[ALPN_OF[version]], verify=verify or cafile is not None,
+                                  limits=limits, server_name=self.url.host, plaintext=plaintext)
+        if cafile is not None:
+            self._cfg.load_verify_locations(cafile=cafile)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._ready = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[m.Message]] = {}
         self.session: MoqtSession | None = None
+        self.link: _ClientLink | None = None
         self._cm = None
         self.closed: Closed | None = None
 
@@ -162,13 +240,60 @@ class MoqtClient:
                 return self._on_event
             return SessionGlue(link, client=True, on_session=on_session)
 
-        self._cm = connect(self.url.host, self.url.port, configuration=self._cfg,
-                           create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=factory, **k))
+        log.info("connecting to %s", self.url.address)
+        # aioquic's own wait for the handshake cannot be given up cleanly (its future is left
+        # with an exception nobody retrieves): the link's `handshake` future is awaited instead
+        self._cm = connect(self.url.host, self.url.port, configuration=self._cfg, wait_connected=False,
+                           create_protocol=lambda *a, **k: _ClientLink(*a, handler_factory=factory, **k))
         self.link = await self._cm.__aenter__()
-        await asyncio.wait_for(self._ready.wait(), 10)
-        if self.closed:
-            raise ConnectionError(f"MoQT setup failed: {self.closed.reason}")
+        self.link.transmit()  # the first Initial: without wait_connected, connect() leaves it to us
+        failure = await self._connect_failure()
+        if failure is not None:
+            await self._cm.__aexit__(None, None, None)
+            raise failure
         return self
+
+    async def _connect_failure(self) -> ConnectFailed | None:
+        """Wait for the handshake, then for SETUP (`connect_timeout` each); None once the session is up."""
+        address, timeout = self.url.address, self.connect_timeout
+        try:
+            completed = await asyncio.wait_for(self.link.handshake, timeout)
+        except TimeoutError:
+            return ConnectFailed(ConnectFailure.NO_ANSWER, f"no QUIC answer from {address} within {timeout:g} s")
+        if not completed:
+            return self._handshake_failure()
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return ConnectFailed(ConnectFailure.SETUP_FAILED,
+                                 f"relay {address} sent no SERVER_SETUP within {timeout:g} s")
+        return self._setup_failure() if self.closed else None
+
+    def _handshake_failure(self) -> ConnectFailed:
+        """What ended the connection before its handshake completed, for the user."""
+        address, ended = self.url.address, self.link.ended
+        reason = _printable(ended.reason_phrase)
+        alert = ended.error_code - QuicErrorCode.CRYPTO_ERROR
+        if alert == AlertDescription.no_application_protocol:
+            return ConnectFailed(ConnectFailure.VERSION_REFUSED,
+                                 f"relay {address} refused MoQT draft-{self.version & 0xFF} "
+                                 f"(ALPN {ALPN_OF[self.version]}): {reason!r}")
+        if alert in _CERTIFICATE_ALERTS:  # raised by our own TLS client: the reason is not the peer's
+            return ConnectFailed(ConnectFailure.CERTIFICATE_REFUSED,
+                                 f"TLS certificate of relay {address} refused: {reason}")
+        return ConnectFailed(ConnectFailure.HANDSHAKE_FAILED, f"QUIC handshake with {address} failed: "
+                             f"{_close_code(ended.error_code, ended.frame_type)}" + (f" {reason!r}" if reason else ""))
+
+    def _setup_failure(self) -> ConnectFailed:
+        """The session closed during SETUP: by the relay, or by us for its SERVER_SETUP."""
+        closed, ended = self.closed, self.link.ended
+        if closed.by_peer:  # it came with the connection's end
+            what = f"relay {self.url.address} closed the session during MoQT SETUP: " \
+                   f"{_close_code(ended.error_code, ended.frame_type)}"
+        else:  # our session closes with MoQT's codes
+            what = f"MoQT SETUP with relay {self.url.address} failed: {_close_code(closed.code, None)}"
+        reason = _printable(closed.reason)
+        return ConnectFailed(ConnectFailure.SETUP_FAILED, what + (f" {reason!r}" if reason else ""))
 
     async def __aexit__(self, *exc: object) -> None:
         if self.session and not self.session.closed:
@@ -187,3 +312,17 @@ class MoqtClient:
 # messages that carry a request ID but are the peer's own requests, not replies to ours
 _PEER_REQUESTS = (m.Subscribe, m.Fetch, m.RequestUpdate, m.SubscribeNamespace, m.Publish, m.PublishNamespace,
                   m.TrackStatus, m.Unsubscribe, m.FetchCancel)
+
+
+def _close_code(code: int, frame_type: int | None) -> str:
+    """A close's error code, named: MoQT's for an application close (no frame type), else QUIC's."""
+    prefix, names = ("", ErrorCode) if frame_type is None else ("QUIC ", QuicErrorCode)
+    name = names(code).name if code in names._value2member_map_ else "error"
+    return f"{prefix}{name} (0x{code:x})"
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A peer's reason phrase made safe for one line of output: whitespace folded, control
+    characters replaced, length bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -19,7 +19,7 @@ from ..media import loc
 from ..media.h264 import Frame, FrameSource, Gop
 from . import messages as m
 from .data import Object, subgroup_header_for
-from .endpoint import MoqtClient
+from .endpoint import CONNECT_TIMEOUT_S, MoqtClient
 from .params import MessageParams, Version
 from .session import GoawayReceived, MessageReceived, SubgroupWriter
 from .wire import Location
@@ -43,11 +43,15 @@ class PublishResult:
 
 async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: FrameSource, *,
                   version: Version = Version.DRAFT_16, wait_subscriber: float | None = None,
-                  plaintext: bool = False) -> PublishResult:
+                  plaintext: bool = False, verify_cert: bool = False, cafile: str | None = None,
+                  connect_timeout: float = CONNECT_TIMEOUT_S) -> PublishResult:
     """Publish `source` as (namespace, track) through the relay at `url` until the source ends or
-    the relay sends GOAWAY; either way PUBLISH_DONE goes out and the session closes normally."""
+    the relay sends GOAWAY; either way PUBLISH_DONE goes out and the session closes normally.
+    The relay's certificate is checked only with `verify_cert` or `cafile`; ConnectFailed if no
+    session comes up (see MoqtClient)."""
     result = PublishResult()
-    async with MoqtClient(url, version, plaintext=plaintext) as client:
+    async with MoqtClient(url, version, plaintext=plaintext, verify=verify_cert, cafile=cafile,
+                          connect_timeout=connect_timeout) as client:
         reply = await client.request(lambda rid: m.PublishNamespace(rid, namespace))
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"PUBLISH_NAMESPACE refused: {reply.error_reason or reply.error_code}")

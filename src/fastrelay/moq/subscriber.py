@@ -22,7 +22,7 @@ from ..media import loc
 from ..media.writer import AnnexBWriter
 from . import messages as m
 from .data import FetchHeader
-from .endpoint import MoqtClient
+from .endpoint import CONNECT_TIMEOUT_S, MoqtClient
 from .params import MessageParams, Version
 from .session import Closed, GoawayReceived, MessageReceived, ObjectReceived, StreamEnded
 
@@ -220,8 +220,11 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                     out: str | None = None, duration: float | None = None, codec: str = "h264",
                     verify: Callable[[int, int, bytes], bool] | None = None,
                     progress: Callable[[dict[str, object]], None] | None = None,
-                    plaintext: bool = False) -> SubscribeResult:
-    """Subscribe and receive until PUBLISH_DONE, GOAWAY, the session ends, or `duration` seconds pass."""
+                    plaintext: bool = False, verify_cert: bool = False, cafile: str | None = None,
+                    connect_timeout: float = CONNECT_TIMEOUT_S) -> SubscribeResult:
+    """Subscribe and receive until PUBLISH_DONE, GOAWAY, the session ends, or `duration` seconds pass.
+    `verify` checks payloads; the relay's certificate is checked only with `verify_cert` or
+    `cafile`; ConnectFailed if no session comes up (see MoqtClient)."""
     result = SubscribeResult()
     writer = AnnexBWriter(out) if out else None
     seen: set[tuple[int, int]] = set()
@@ -233,7 +236,8 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
 
     reorder = _Reorder(write)
     ledger = LossLedger()
-    async with MoqtClient(url, version, plaintext=plaintext) as client:
+    async with MoqtClient(url, version, plaintext=plaintext, verify=verify_cert, cafile=cafile,
+                          connect_timeout=connect_timeout) as client:
         reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, MessageParams(forward=True)))
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
