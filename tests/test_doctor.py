@@ -24,11 +24,12 @@ from fastrelay.doctor import (
     scratch_netns,
 )
 from fastrelay.kernel import build, verifier
+from fastrelay.quic.link import SOCKET_BUFFER, sysctl
 
 pytestmark = pytest.mark.usefixtures("root")
 
-ITEMS = ["kernel", "privileges", "BTF", "clang", "libbpf", "bpf_loop", "ring buffer", "bpf_crypto kfuncs",
-         "tcx attach", "netem"]
+ITEMS = ["kernel", "privileges", "BTF", "clang", "libbpf", "UDP buffers", "bpf_loop", "ring buffer",
+         "bpf_crypto kfuncs", "tcx attach", "netem"]
 OPTIONAL = {"netem"}  # doctor's exit status ignores it
 BPF_FIELDS = {"source", "insns", "share", "variant", "log_tail"}
 LIMIT_SHARE = r"\((\d+\.\d)% of the 1M limit\)"
@@ -285,3 +286,22 @@ def test_the_scratch_namespace_goes_even_when_a_check_fails():
         assert netns.exists(name)
         raise RuntimeError("a check blew up")
     assert not netns.exists(name)
+
+
+def test_udp_buffers_says_what_a_socket_gets_and_the_sysctl_ceilings(json_run):
+    """As root a socket gets SOCKET_BUFFER past net.core.{r,w}mem_max; without CAP_NET_ADMIN at most
+    those, and the item is missing (with the sysctl fix) when they are below SOCKET_BUFFER."""
+    _, checks = json_run
+    rmem, wmem = sysctl("net.core.rmem_max"), sysctl("net.core.wmem_max")
+    mib = SOCKET_BUFFER >> 20
+    assert checks["UDP buffers"] == {**checks["UDP buffers"], "ok": True, "detail": (
+        f"sockets get {mib} MiB receive, {mib} MiB send (forced past the ceilings: CAP_NET_ADMIN); "
+        f"net.core rmem_max {rmem / (1 << 20):g} MiB, wmem_max {wmem / (1 << 20):g} MiB")}
+    res = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c",
+                          "import json; from fastrelay.doctor import _udp_buffers_check as c; "
+                          "print(json.dumps(c().as_dict()))"], capture_output=True, text=True, check=True)
+    capped = json.loads(res.stdout)
+    receive = min(rmem, SOCKET_BUFFER)
+    assert capped["ok"] == (receive == min(wmem, SOCKET_BUFFER) == SOCKET_BUFFER)
+    assert capped["detail"].startswith(f"sockets get {receive / (1 << 20):g} MiB receive")
+    assert "(within the ceilings)" in capped["detail"] and "sysctl -w net.core.rmem_max=" in capped["fix"]

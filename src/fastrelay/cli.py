@@ -454,7 +454,7 @@ def parser() -> argparse.ArgumentParser:
     bu = what.add_parser("udp-fanout", parents=[common], help="UDP fan-out, kernel vs userspace data path")
     bu.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16,64)")
     bu.add_argument("--plots", metavar="DIR", help="write PNG plots here")
-    bm = what.add_parser("moq", parents=[common], help="MoQT relay vs aiomoqt's relay, same load")
+    bm = what.add_parser("moq", parents=[common], help="MoQT relay vs aiomoqt's and moq-dev's relays, same load")
     bm.add_argument("--datapath", choices=tuple(MOQ_DATAPATHS), default="userspace",
                     help="fastrelay relay's data path")
     bm.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,4,16)")

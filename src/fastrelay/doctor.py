@@ -267,6 +267,26 @@ def _libbpf_check() -> tuple[Check, bool]:
     return Check("libbpf", (major, minor) >= (1, 0), lib.version, "loading any BPF program", "libbpf1 >= 1.0"), True
 
 
+def _udp_buffers_check() -> Check:
+    """What a relay's or client's UDP socket gets (the same call they make) and the sysctl ceilings."""
+    import socket
+
+    from .quic.link import SOCKET_BUFFER, size_socket_buffers, sysctl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        got = size_socket_buffers(sock)
+    how = "forced past the ceilings: CAP_NET_ADMIN" if got.forced else "within the ceilings"
+    ceilings = ", ".join(f"{name} {_mib(sysctl(f'net.core.{name}'))}" for name in ("rmem_max", "wmem_max"))
+    return Check("UDP buffers", min(got.receive, got.send) >= SOCKET_BUFFER,
+                 f"sockets get {_mib(got.receive)} receive, {_mib(got.send)} send ({how}); net.core {ceilings}",
+                 "nothing, but under load the relay's socket drops datagrams (QUIC resends them, late)",
+                 f"sysctl -w net.core.rmem_max={SOCKET_BUFFER} net.core.wmem_max={SOCKET_BUFFER} (or run as root)")
+
+
+def _mib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / (1 << 20):g} MiB"
+
+
 def run_checks(sources: Sequence[str | Path] | None = None) -> list[Check]:
     """Every check, in order; what needs root or clang is checked from kernel BTF without them.
     `sources`: the BPF programs to load (names in bpf/ or .bpf.c paths; default: every one in bpf/)."""
@@ -279,7 +299,7 @@ def run_checks(sources: Sequence[str | Path] | None = None) -> list[Check]:
               privileged,
               Check("BTF", btf, "/sys/kernel/btf/vmlinux" if btf else "missing",
                     "layout checks against the kernel, run-time stats", "a kernel with CONFIG_DEBUG_INFO_BTF"),
-              clang, libbpf]
+              clang, libbpf, _udp_buffers_check()]
     if not loads:
         return checks
     found: dict[str, bool] | None = None

@@ -6,11 +6,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from labtools import lab_name, wait_until
 
 from fastrelay.fanout.control import request
 from fastrelay.lab.topology import Lab, Link
@@ -23,7 +23,7 @@ SUB_PORT = 6000
 
 @pytest.fixture(scope="module")
 def lab(root):
-    with Lab("tf", 4) as lab:
+    with Lab(lab_name("tf"), 4) as lab:
         yield lab
 
 
@@ -60,17 +60,7 @@ def running_relay(lab: Lab, datapath: str, subs: list[str], *, v6: bool = False,
     proc = subprocess.Popen(exec_argv(lab.relay_ns, argv), stderr=subprocess.PIPE, text=True, env=env)
     relay = Relay(proc, ctl)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if len(request(ctl, {"op": "list"})["subscribers"]) == len(subs):
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError(f"relay exited: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, "relay did not come up"
-            time.sleep(0.05)
+        wait_until(lambda: _listening(relay, len(subs)), 20, "the relay to come up with its subscribers")
         yield relay
     finally:
         if proc.poll() is None:
@@ -78,6 +68,16 @@ def running_relay(lab: Lab, datapath: str, subs: list[str], *, v6: bool = False,
             proc.wait(10)
         relay.stderr = proc.stderr.read()
         proc.stderr.close()
+
+
+def _listening(relay: Relay, subscribers: int) -> bool:
+    """The relay answers on its control socket and lists all its subscribers (fails at once if it exited)."""
+    if relay.proc.poll() is not None:
+        raise AssertionError(f"relay exited: {relay.proc.stderr.read()}")
+    try:
+        return len(request(relay.ctl, {"op": "list"})["subscribers"]) == subscribers
+    except OSError:  # not listening yet
+        return False
 
 
 @pytest.fixture

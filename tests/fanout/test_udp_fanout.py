@@ -7,11 +7,12 @@ import socket
 import struct
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+from labtools import lab_name, wait_no_leftovers, wait_until
 
-from fastrelay.kernel.stats import leftovers
 from fastrelay.lab.capture import capture, udp_frames
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import entered, exec_argv
@@ -28,13 +29,6 @@ from .conftest import (
 )
 
 DATAPATHS = ["kernel", "userspace"]
-
-
-def wait_no_leftovers(timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while any((left := leftovers()).values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
@@ -106,7 +100,7 @@ def test_subscribers_added_and_removed_during_traffic(lab, datapath, sub_sockets
 
 def test_gso_merged_packets_go_up_and_are_still_delivered(root, sub_sockets):
     # with tx checksum offload on, a UDP_SEGMENT send crosses the veth as one GSO skb
-    with Lab("tg", 2, checksum_offload=True) as lab:
+    with Lab(lab_name("tg"), 2, checksum_offload=True) as lab:
         socks = sub_sockets(lab)
         with running_relay(lab, "kernel", [addr(s, False) for s in lab.subscribers]) as relay:
             _, stats = stream(lab, socks, rate=2000, count=400, size=1000, gso_segments=4)
@@ -117,7 +111,7 @@ def test_gso_merged_packets_go_up_and_are_still_delivered(root, sub_sockets):
 
 
 def test_packets_larger_than_an_egress_mtu_go_up_and_are_fragmented(root, sub_sockets):
-    with Lab("to", 2, sub_mtu={1: 1280}) as lab:  # 1280: the IPv6 minimum
+    with Lab(lab_name("to"), 2, sub_mtu={1: 1280}) as lab:  # 1280: the IPv6 minimum
         socks = sub_sockets(lab)
         with running_relay(lab, "kernel", [addr(s, False) for s in lab.subscribers]) as relay:
             _, big = stream(lab, socks, rate=5000, count=200, size=1300)
@@ -178,12 +172,30 @@ def test_source_filter(lab, datapath, sub_sockets):
     assert (st["kernel"]["drop_source"] if datapath == "kernel" else st["dropped_source"]) == 200
 
 
+@contextmanager
+def arp_locktime(netns: str, ifname: str, centiseconds: int) -> Iterator[None]:
+    """ARP's locktime of `ifname` in `netns` set for a while (restored after): how long after an
+    entry's last update the kernel ignores a new address for it."""
+    path = f"/proc/sys/net/ipv4/neigh/{ifname}/locktime"
+    with entered(netns), open(path) as f:
+        old = f.read().strip()
+    with entered(netns), open(path, "w") as f:
+        f.write(str(centiseconds))
+    try:
+        yield
+    finally:
+        with entered(netns), open(path, "w") as f:
+            f.write(old)
+
+
 def test_kernel_path_follows_a_subscriber_mac_change(lab, sub_sockets):
     sub = lab.subscribers[0]
     socks = sub_sockets(lab, n=1)
-    with running_relay(lab, "kernel", [addr(sub, False)], extra=["--neighbour-refresh", "0.2"]) as relay:
+    # the relay's kernel takes the subscriber's new MAC at once (by default it ignores a new
+    # address within locktime, 1 s, of the entry's last update, which the first stream just made)
+    with arp_locktime(lab.relay_ns, sub.relay_ifname, 0), \
+            running_relay(lab, "kernel", [addr(sub, False)], extra=["--neighbour-refresh", "0.2"]) as relay:
         _, before = stream(lab, socks, rate=5000, count=500, size=300)
-        time.sleep(1.1)  # ARP ignores a new address within locktime (1 s) of the last update
         new_mac = "02:aa:bb:cc:dd:01"
         for cmd in (["ip", "link", "set", "eth0", "address", new_mac], ["ip", "neigh", "flush", "dev", "eth0"]):
             subprocess.run(exec_argv(sub.netns, cmd), check=True)
@@ -192,10 +204,8 @@ def test_kernel_path_follows_a_subscriber_mac_change(lab, sub_sockets):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(b"hello", (sub.relay_ipv4, 9))
         s.close()
-        deadline = time.monotonic() + 10
-        while relay.call("list")["subscribers"][0]["next_hop_mac"] != new_mac:
-            assert time.monotonic() < deadline, "the relay never picked up the new MAC"
-            time.sleep(0.05)
+        wait_until(lambda: relay.call("list")["subscribers"][0]["next_hop_mac"] == new_mac, 10,
+                   "the relay to pick up the subscriber's new MAC")
         _, after = stream(lab, socks, rate=5000, count=500, size=300)
         st = relay.call("stats")
     subprocess.run(exec_argv(sub.netns, ["ip", "link", "set", "eth0", "address", sub.mac]), check=True)
@@ -220,7 +230,7 @@ def test_relay_leaves_nothing_behind_after_sigterm_or_kill9(lab, mode, monkeypat
         relay.proc.send_signal(signal.SIGTERM)
         assert relay.proc.wait(10) == 0
     assert "fr_udp_fanout" not in tc_filters(lab)
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
 
     with running_relay(lab, "kernel", subs, env=env) as relay:
         relay.proc.kill()
@@ -232,7 +242,7 @@ def test_relay_leaves_nothing_behind_after_sigterm_or_kill9(lab, mode, monkeypat
             pass
         assert "removed stale clsact filter fr_udp_fanout" in relay.stderr
         assert "fr_udp_fanout" not in tc_filters(lab)
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
 
 
 def run_cli(*args: str, netns: str | None = None, env: dict | None = None, prefix: list[str] | None = None):
@@ -281,13 +291,13 @@ def test_a_vanishing_subscriber_does_not_disturb_the_others(root, sub_sockets, d
 
     from fastrelay.lab.traffic import UdpSink
 
-    with Lab("tv", 3) as lab:
+    with Lab(lab_name("tv"), 3) as lab:
         socks = sub_sockets(lab, n=2)  # subscriber 2 has no socket: its namespace is about to vanish
         subs = [addr(s, False) for s in lab.subscribers]
         with running_relay(lab, datapath, subs, extra=["--neighbour-refresh", "0.2"]) as relay, \
                 UdpSink(socks) as sink:
             sender = Sender(source(lab, rate=5000, count=10000, size=400))
-            sink.collect(timeout=0.5)
+            sink.collect(expected=500, timeout=5)  # the stream reaches both before the third one vanishes
             pr_netns.remove(lab.subscribers[2].netns)  # its veth, and the relay's end, go with it
             sender.join()
             stats = sink.collect(expected=10000, timeout=2)

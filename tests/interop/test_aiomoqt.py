@@ -1,16 +1,25 @@
 """Interoperability with aiomoqt 0.13.3, an independent MoQT stack (picoquic via aiopquic).
 
 Every test runs the real programs as subprocesses on loopback, raw QUIC (moqt://), and
-checks from the subscriber's own output that objects were delivered:
+checks from the subscriber's own record which objects were delivered:
 
 * A: fastrelay relay   <- aiomoqt pub_example  -> aiomoqt sub_example
 * B: aiomoqt relay     <- fastrelay publish    -> fastrelay subscribe --raw
-* C: fastrelay relay   <- aiomoqt pub_example  -> fastrelay subscribe --raw
+* C: fastrelay relay   <- aiomoqt pub_example  -> fastrelay subscriber
 * D: fastrelay relay   <- fastrelay publish    -> aiomoqt sub_example
+* E: C and A with objects as datagrams
 
 each with draft-16 (ALPN moqt-16) and draft-14 (ALPN moq-00, version in CLIENT_SETUP).
 Relays are pinned to the draft under test, and the relay's log must show that draft
 negotiated. aiomoqt is a third-party peer: `.venv/bin/pip install aiomoqt==0.13.3`.
+
+Nothing may be lost: a subscriber gets every object the publisher sent from the first one it
+received on (both publishers number GROUP_SIZE objects per group, groups one after another, so
+what was sent in that window is known from the ids), and where our publisher sends synthetic
+payloads every one is verified. aiomoqt's sub_example runs unchanged with the objects its track
+delivers recorded (AIOMOQT_SUB); in C and E our subscriber is the library call `fastrelay
+subscribe` makes, recording ids the same way (labtools.RECEIVED); B runs the command itself,
+against a publisher that sends a known number of objects.
 
 aiomoqt's pub_example publishes with PUBLISH (Forward State 0) and sends objects only
 once PUBLISH_OK sets Forward State 1; fastrelay's publisher uses PUBLISH_NAMESPACE and
@@ -26,19 +35,23 @@ import re
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from labtools import received_argv, wait_until
 
 from fastrelay.quic.tls import self_signed
 
 AIOMOQT_VERSION = "0.13.3"
 DRAFTS = ["16", "14"]
 NAMESPACE = "interop"
-SUB_SECONDS = 3  # how long each subscriber listens
-MIN_OBJECTS = 45  # both publishers send 30 objects/s: at least half of that must arrive
+SUB_SECONDS = 3  # how long each subscriber listens to a publisher that does not stop
+RATE = 30  # objects/s, both publishers (their defaults)
+GROUP_SIZE = 30  # objects per group, both publishers (aiomoqt's pub_example.GROUP_SIZE, our --gop default)
+# a subscriber's window: it listens SUB_SECONDS, of which connecting and subscribing take well under one
+MIN_WINDOW = (SUB_SECONDS - 1) * RATE
+PUB_SECONDS = 3  # how long our publisher sends where the test counts what it sent
 START_TIMEOUT = 10.0
 
 
@@ -80,20 +93,26 @@ class Proc:
     def output(self) -> str:
         return "".join(p.read_text(errors="replace") for p in (self.out_path, self.err_path) if p.exists())
 
-    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> bool:
-        """True once `pattern` (regex) appears in the output; False on timeout or exit."""
-        deadline = time.monotonic() + timeout
+    def wait_for(self, pattern: str, logs: Callable[[], str], timeout: float = START_TIMEOUT) -> None:
+        """Wait until `pattern` (regex) appears in the output; fail (with `logs()`) on timeout or
+        as soon as the process exits without it."""
         rx = re.compile(pattern)
-        while time.monotonic() < deadline:
+
+        def seen() -> bool:
+            exited = self.proc.poll() is not None  # before reading: what it printed before exiting counts
             if rx.search(self.output()):
                 return True
-            if self.proc.poll() is not None:
-                return bool(rx.search(self.output()))
-            time.sleep(0.05)
-        return False
+            assert not exited, f"{self.name} exited without printing {pattern!r}\n{logs()}"
+            return False
 
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+        wait_until(seen, timeout, lambda: f"{pattern!r} from {self.name}\n{logs()}")
+
+    def last_json(self, timeout: float) -> dict:
+        """The last JSON object it printed on stdout, once it exited."""
+        self.proc.wait(timeout)
+        lines = [line for line in self.out_path.read_text().splitlines() if line.startswith("{")]
+        assert lines, self.tail()
+        return json.loads(lines[-1])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -140,6 +159,31 @@ def run(tmp_path: Path) -> Iterator[Run]:
 
 PY = sys.executable
 
+# aiomoqt's sub_example, run unchanged, with every object its track hands to the example's
+# statistics recorded; at exit one JSON line {"received": [[group, object, ok], ...]} in arrival
+# order, ok: the payload is the synthetic source's (argv[1] "--synthetic"; null with "--any")
+AIOMOQT_SUB = """
+import atexit, json, runpy, sys
+import aiomoqt.track
+from fastrelay.media.h264 import verify_synthetic_payload
+synthetic = sys.argv[1] == "--synthetic"
+received = []
+track_init = aiomoqt.track.SubscribedTrack.__init__
+def recording_init(self, *args, on_object=None, **kwargs):
+    def record(msg, *more, **kw):  # (msg, size_bytes, recv_time_us, group_id, subgroup_id)
+        group = more[2] if len(more) > 2 else kw.get("group_id")
+        group = msg.group_id if group is None else group
+        ok = verify_synthetic_payload(group, msg.object_id, bytes(msg.payload)) if synthetic else None
+        received.append((group, msg.object_id, ok))
+        if on_object is not None:
+            on_object(msg, *more, **kw)
+    track_init(self, *args, on_object=record, **kwargs)
+aiomoqt.track.SubscribedTrack.__init__ = recording_init
+atexit.register(lambda: print(json.dumps({"received": received}), flush=True))
+sys.argv = ["sub_example", *sys.argv[2:]]
+runpy.run_module("aiomoqt.examples.sub_example", run_name="__main__", alter_sys=True)
+"""
+
 
 # ---- the programs -------------------------------------------------------------------
 
@@ -148,7 +192,7 @@ def start_fastrelay_relay(run: Run, draft: str) -> tuple[Proc, str]:
     url = f"moqt://127.0.0.1:{port}"
     relay = run.start("fastrelay-relay", [PY, "-m", "fastrelay", "relay", url, "--drafts", draft,
                                           "--state-dir", str(run.tmp_path / "state")])
-    assert relay.wait_for(r"MoQT relay on"), run.logs()
+    relay.wait_for(r"MoQT relay on", run.logs)
     return relay, url
 
 
@@ -160,44 +204,52 @@ def start_aiomoqt_relay(run: Run, draft: str) -> tuple[Proc, str]:
     relay = run.start("aiomoqt-relay", [PY, "-m", "aiomoqt.tools.moq_interop_relay", "--bind", "127.0.0.1",
                                         "--port", str(port), "--cert", str(run.tmp_path / "cert.pem"),
                                         "--key", str(run.tmp_path / "key.pem"), "--quic", "--draft", draft])
-    assert relay.wait_for(r"Listening on .*UDP port"), run.logs()
+    relay.wait_for(r"Listening on .*UDP port", run.logs)
     return relay, f"moqt://127.0.0.1:{port}"
 
 
 def start_aiomoqt_pub(run: Run, url: str, track: str, draft: str, *extra: str) -> Proc:
     pub = run.start("aiomoqt-pub", [PY, "-m", "aiomoqt.examples.pub_example", url, "-N", NAMESPACE, "-T", track,
                                     "-k", "--draft", draft, "-t", "60", *extra])
-    assert pub.wait_for(r"MOQT app: published"), run.logs()
+    pub.wait_for(r"MOQT app: published", run.logs)
     return pub
 
 
 def start_fastrelay_pub(run: Run, url: str, track: str, draft: str, relay: Proc, announced: str) -> Proc:
+    """Our synthetic publisher, PUB_SECONDS of objects once the relay subscribes (--wait): the
+    first subscriber gets them all, and its summary says how many it sent."""
     pub = run.start("fastrelay-pub", [PY, "-m", "fastrelay", "publish", url, "-N", NAMESPACE, "-T", track,
-                                      "--draft", draft, "--source", "synthetic", "--duration", "60"])
-    assert relay.wait_for(announced), run.logs()  # the relay accepted the PUBLISH_NAMESPACE
+                                      "--draft", draft, "--source", "synthetic", "--fps", str(RATE),
+                                      "--gop", str(GROUP_SIZE), "--duration", str(PUB_SECONDS), "--wait", "10"])
+    relay.wait_for(announced, run.logs)  # the relay accepted the PUBLISH_NAMESPACE
     return pub
 
 
-def run_aiomoqt_sub(run: Run, url: str, track: str, draft: str) -> tuple[int, int]:
-    """(objects, groups) from sub_example's closing 'Total:' line (0, 0 if it received nothing)."""
-    sub = run.start("aiomoqt-sub", [PY, "-m", "aiomoqt.examples.sub_example", url, "-N", NAMESPACE, "-T", track,
-                                    "-k", "--draft", draft, "-t", str(SUB_SECONDS)])
-    sub.wait(SUB_SECONDS + 15)
-    m = re.search(r"Total: ([\d,]+) objects, ([\d,]+) groups", sub.output())
-    if m is None:
-        assert "No data received" in sub.output(), run.logs()
-        return 0, 0
-    return int(m[1].replace(",", "")), int(m[2].replace(",", ""))
+def run_aiomoqt_sub(run: Run, url: str, track: str, draft: str, *, synthetic: bool,
+                    seconds: int = SUB_SECONDS) -> list[tuple[int, int, bool | None]]:
+    """(group, object, payload verified) of each object aiomoqt's sub_example received, in order."""
+    sub = run.start("aiomoqt-sub", [PY, "-c", AIOMOQT_SUB, "--synthetic" if synthetic else "--any", url,
+                                    "-N", NAMESPACE, "-T", track, "-k", "--draft", draft, "-t", str(seconds)])
+    received = [tuple(r) for r in sub.last_json(seconds + 15)["received"]]
+    # the example's own count agrees: the record saw every object it did
+    total = re.search(r"Total: ([\d,]+) objects", sub.output())
+    assert (int(total[1].replace(",", "")) if total else 0) == len(received), run.logs()
+    return received
 
 
-def run_fastrelay_sub(run: Run, url: str, track: str, draft: str) -> dict:
+def run_fastrelay_sub(run: Run, url: str, track: str, draft: str, seconds: float) -> dict:
     """The JSON summary `fastrelay subscribe` prints last."""
     sub = run.start("fastrelay-sub", [PY, "-m", "fastrelay", "subscribe", url, "-N", NAMESPACE, "-T", track,
-                                      "--draft", draft, "--raw", "--duration", str(SUB_SECONDS)])
-    sub.wait(SUB_SECONDS + 15)
-    lines = [line for line in sub.out_path.read_text().splitlines() if line.startswith("{")]
-    assert lines, run.logs()
-    return json.loads(lines[-1])
+                                      "--draft", draft, "--raw", "--duration", str(seconds)])
+    return sub.last_json(seconds + 15)
+
+
+def run_recording_sub(run: Run, url: str, track: str, draft: str) -> list[tuple[int, int]]:
+    """(group, object) of each object our subscriber received from aiomoqt's publisher, in order."""
+    sub = run.start("fastrelay-sub", received_argv(url, NAMESPACE, track, SUB_SECONDS, draft=draft, synthetic=False))
+    summary = sub.last_json(SUB_SECONDS + 15)
+    assert "error" not in summary and summary["duplicates"] == 0, summary
+    return [tuple(r) for r in summary["received"]]
 
 
 def fastrelay_negotiated(relay: Proc, draft: str) -> int:
@@ -208,6 +260,24 @@ def aiomoqt_negotiated(relay: Proc, draft: str) -> int:
     return relay.output().count(f"setup complete: draft-{draft}")
 
 
+def missing_in_window(received: list[tuple[int, ...]], last_sent: tuple[int, int] | None = None) -> list:
+    """(group, object) of what the publisher sent from the first object received on (up to
+    `last_sent`, or the last one received) that never arrived."""
+    got = {g * GROUP_SIZE + o for g, o, *_ in received}
+    end = last_sent[0] * GROUP_SIZE + last_sent[1] if last_sent else max(got)
+    return [divmod(i, GROUP_SIZE) for i in range(min(got), end + 1) if i not in got]
+
+
+def assert_window_complete(received: list[tuple[int, ...]], logs: Callable[[], str]) -> None:
+    """A subscriber of a publisher that did not stop got every object of its window, once, and
+    the window is about as long as it listened."""
+    ids = [(g, o) for g, o, *_ in received]
+    assert len(ids) >= MIN_WINDOW, f"{len(ids)} objects, fewer than {MIN_WINDOW}\n" + logs()
+    assert len(set(ids)) == len(ids), f"duplicates: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
+    missing = missing_in_window(received)
+    assert not missing, f"lost from {ids[0]} to {max(ids)}: {missing}\n" + logs()
+
+
 # ---- A: fastrelay relay between aiomoqt's publisher and subscriber --------------------
 
 @pytest.mark.parametrize("draft", DRAFTS)
@@ -215,9 +285,9 @@ def test_a_aiomoqt_pub_fastrelay_relay_aiomoqt_sub(run: Run, draft: str) -> None
     relay, url = start_fastrelay_relay(run, draft)
     track = f"a-{draft}"
     start_aiomoqt_pub(run, url, track, draft)
-    objects, groups = run_aiomoqt_sub(run, url, track, draft)
+    received = run_aiomoqt_sub(run, url, track, draft, synthetic=False)
     assert fastrelay_negotiated(relay, draft) == 2, run.logs()
-    assert objects >= MIN_OBJECTS and groups >= 2, f"aiomoqt sub got {objects} objects, {groups} groups\n" + run.logs()
+    assert_window_complete(received, run.logs)
 
 
 # ---- B: aiomoqt relay between fastrelay's publisher and subscriber --------------------
@@ -226,11 +296,15 @@ def test_a_aiomoqt_pub_fastrelay_relay_aiomoqt_sub(run: Run, draft: str) -> None
 def test_b_fastrelay_pub_aiomoqt_relay_fastrelay_sub(run: Run, draft: str) -> None:
     relay, url = start_aiomoqt_relay(run, draft)
     track = f"b-{draft}"
-    start_fastrelay_pub(run, url, track, draft, relay, r"relay: announce ns=\(b'interop',\)")
-    summary = run_fastrelay_sub(run, url, track, draft)
+    pub = start_fastrelay_pub(run, url, track, draft, relay, r"relay: announce ns=\(b'interop',\)")
+    summary = run_fastrelay_sub(run, url, track, draft, PUB_SECONDS + 5)
+    sent = pub.last_json(15)["objects"]
     assert aiomoqt_negotiated(relay, draft) == 2, run.logs()
-    assert summary["objects"] >= MIN_OBJECTS, f"fastrelay sub: {summary}\n" + run.logs()
-    assert (summary["bad"], summary["duplicates"]) == (0, 0), summary
+    # everything sent from the group it joined on (the publisher began at its subscription), once ...
+    assert summary["duplicates"] == 0 and summary["last_group"] == (sent - 1) // GROUP_SIZE, summary
+    assert summary["objects"] == sent - summary["first_group"] * GROUP_SIZE, (sent, summary)
+    # ... every payload verified by the subscriber itself
+    assert summary["verified"] == summary["objects"] and summary["bad"] == 0, summary
 
 
 # ---- C: aiomoqt publisher -> fastrelay relay -> fastrelay subscriber ------------------
@@ -240,10 +314,10 @@ def test_c_aiomoqt_pub_fastrelay_relay_fastrelay_sub(run: Run, draft: str) -> No
     relay, url = start_fastrelay_relay(run, draft)
     track = f"c-{draft}"
     start_aiomoqt_pub(run, url, track, draft)
-    summary = run_fastrelay_sub(run, url, track, draft)
+    received = run_recording_sub(run, url, track, draft)
     assert fastrelay_negotiated(relay, draft) == 2, run.logs()
-    assert summary["objects"] >= MIN_OBJECTS, f"fastrelay sub: {summary}\n" + run.logs()
-    assert summary["duplicates"] == 0, summary
+    assert_window_complete(received, run.logs)
+    assert received[0][1] == 0, "the joining FETCH brings the current group from its start"
 
 
 # ---- D: fastrelay publisher -> fastrelay relay -> aiomoqt subscriber ------------------
@@ -252,10 +326,15 @@ def test_c_aiomoqt_pub_fastrelay_relay_fastrelay_sub(run: Run, draft: str) -> No
 def test_d_fastrelay_pub_fastrelay_relay_aiomoqt_sub(run: Run, draft: str) -> None:
     relay, url = start_fastrelay_relay(run, draft)
     track = f"d-{draft}"
-    start_fastrelay_pub(run, url, track, draft, relay, r"publishes namespace interop")
-    objects, groups = run_aiomoqt_sub(run, url, track, draft)
+    pub = start_fastrelay_pub(run, url, track, draft, relay, r"publishes namespace interop")
+    received = run_aiomoqt_sub(run, url, track, draft, synthetic=True, seconds=PUB_SECONDS + 5)
+    sent = pub.last_json(15)["objects"]
     assert fastrelay_negotiated(relay, draft) == 2, run.logs()
-    assert objects >= MIN_OBJECTS and groups >= 2, f"aiomoqt sub got {objects} objects, {groups} groups\n" + run.logs()
+    # every object from the first it got to the publisher's last, once, and every payload right
+    assert received and len(set(received)) == len(received), received
+    missing = missing_in_window(received, last_sent=divmod(sent - 1, GROUP_SIZE))
+    assert not missing, f"{sent} sent, first received {received[0][:2]}, lost {missing}\n" + run.logs()
+    assert all(ok for *_, ok in received), [r for r in received if not r[2]]
 
 
 # ---- E: objects as datagrams (aiomoqt publisher --datagram) through the fastrelay relay ---
@@ -265,7 +344,5 @@ def test_e_datagrams_through_the_fastrelay_relay(run: Run, draft: str) -> None:
     relay, url = start_fastrelay_relay(run, draft)
     track = f"e-{draft}"
     start_aiomoqt_pub(run, url, track, draft, "--datagram")
-    objects, groups = run_aiomoqt_sub(run, url, track, draft)
-    assert objects >= MIN_OBJECTS and groups >= 2, f"aiomoqt sub got {objects} objects\n" + run.logs()
-    summary = run_fastrelay_sub(run, url, track, draft)
-    assert summary["objects"] >= MIN_OBJECTS and summary["duplicates"] == 0, f"{summary}\n" + run.logs()
+    assert_window_complete(run_aiomoqt_sub(run, url, track, draft, synthetic=False), run.logs)
+    assert_window_complete(run_recording_sub(run, url, track, draft), run.logs)

@@ -4,13 +4,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from labtools import lab_name, wait_no_leftovers
 
 from fastrelay.kernel.attach import TcLink, remove_stale
 from fastrelay.kernel.objects import BpfObject
-from fastrelay.kernel.stats import leftovers
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import entered, exec_argv
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("root")
 
 @pytest.fixture
 def lab():
-    with Lab("ta", 1) as lab:
+    with Lab(lab_name("ta"), 1) as lab:
         yield lab
 
 
@@ -47,15 +46,6 @@ def tc_filters(lab: Lab) -> str:
     return out.stdout
 
 
-def wait_no_leftovers(timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = leftovers()
-        if not any(left.values()) or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
 def drop_all(obj: BpfObject) -> None:
     import ctypes
 
@@ -80,7 +70,7 @@ def test_attach_takes_effect_and_detach_removes_it(lab, mode):
             link.detach()  # idempotent
         assert udp_gets_through(lab)
         assert "fr_lab_drop" not in tc_filters(lab)
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
 
 
 def test_a_live_clsact_filter_is_never_taken_over(lab):
@@ -129,7 +119,7 @@ def kill9_holder(lab: Lab, mode: str) -> None:
 
 def test_tcx_attachment_dies_with_its_process(lab):
     kill9_holder(lab, "tcx")
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
     assert udp_gets_through(lab)
 
 
@@ -141,7 +131,7 @@ def test_stale_clsact_filter_is_removed_on_next_attach(lab):
     with entered(lab.relay_ns):
         assert remove_stale(socket.if_nametoindex("pub0"), "ingress") == 1
     assert udp_gets_through(lab)
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
 
 
 def test_cleanup_command_sweeps_every_namespace(lab):
@@ -149,7 +139,7 @@ def test_cleanup_command_sweeps_every_namespace(lab):
     out = subprocess.run([sys.executable, "-m", "fastrelay", "cleanup"], capture_output=True, text=True, check=True)
     assert "removed 1 stale clsact filter" in out.stdout
     assert "fr_lab_drop" not in tc_filters(lab)
-    assert not any(wait_no_leftovers().values())
+    wait_no_leftovers()
 
 
 def test_pinning_mounts_a_missing_bpf_filesystem():

@@ -2,9 +2,9 @@
 
 import socket
 import subprocess
-import time
 
 import pytest
+from labtools import lab_name, wait_no_leftovers
 
 from fastrelay.lab import impair
 from fastrelay.lab.topology import Lab
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("root")
 
 @pytest.fixture
 def lab():
-    with Lab("ti", 1) as lab:
+    with Lab(lab_name("ti"), 1) as lab:
         yield lab
 
 
@@ -89,11 +89,12 @@ def test_cli_impairments_outlive_the_command_until_cleared():
     import os
     import sys
 
-    from fastrelay.kernel.stats import leftovers
     from fastrelay.lab.topology import pin_dir
 
+    name = lab_name("tl")
+
     def cli(*args: str) -> str:
-        res = subprocess.run([sys.executable, "-m", "fastrelay", "lab", *args, "--name", "tl"],
+        res = subprocess.run([sys.executable, "-m", "fastrelay", "lab", *args, "--name", name],
                              capture_output=True, text=True, check=False)
         assert res.returncode == 0, res.stderr
         return res.stdout
@@ -113,18 +114,15 @@ def test_cli_impairments_outlive_the_command_until_cleared():
 
     cli("up", "--subscribers", "1")
     try:
-        lab = Lab("tl", 1)
+        lab = Lab(name, 1)
         assert relay_to_sub(lab) == 200
         cli("impair", "--sub", "0", "--loss", "1.0")
-        assert os.path.exists(f"{pin_dir('tl')}/loss-0")
+        assert os.path.exists(f"{pin_dir(name)}/loss-0")
         assert relay_to_sub(lab) == 0
         cli("impair", "--sub", "0", "--clear")
         assert relay_to_sub(lab) == 200
         cli("impair", "--sub", "0", "--loss", "0.5")
     finally:
         cli("down")
-    assert not os.path.exists(pin_dir("tl"))
-    deadline = time.monotonic() + 5
-    while any(leftovers().values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(leftovers().values())
+    assert not os.path.exists(pin_dir(name))
+    wait_no_leftovers()

@@ -35,7 +35,7 @@ def test_payload_is_deterministic_and_seeded() -> None:
     assert synthetic_payload(3, 4, 10_000) == synthetic_payload(3, 4, 10_000)
     assert synthetic_payload(3, 4, 10_000, seed=1) != synthetic_payload(3, 4, 10_000)
     assert [len(synthetic_payload(0, 0, n)) for n in (0, 1, 24, 25, 100_000)] == [0, 1, 24, 25, 100_000]
-    assert verify_synthetic_payload(7, 8, synthetic_payload(7, 8, 3))
+    assert not verify_synthetic_payload(7, 8, synthetic_payload(7, 8, 3))  # shorter than its header: unverifiable
     with pytest.raises(ValueError):
         synthetic_payload(0, 0, -1)
 

@@ -6,7 +6,7 @@ import pytest
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import Object, subgroup_header_for
-from fastrelay.moq.params import Version
+from fastrelay.moq.params import FilterType, MessageParams, SubscriptionFilter, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed, MessageReceived, MoqtSession, ObjectReceived, StreamEnded
 from fastrelay.moq.wire import ErrorCode
@@ -14,6 +14,8 @@ from fastrelay.moq.wire import ErrorCode
 from .conftest import Pipe
 
 NS, TRACK = (b"live", b"cam"), b"video"
+# the filter a SUBSCRIBE needs for a joining FETCH to name it (draft-16 / -14 section 9.16.2)
+LARGEST = MessageParams(subscription_filter=SubscriptionFilter(FilterType.LARGEST_OBJECT))
 
 
 def connect(relay: Relay, version: Version, name: str):
@@ -90,7 +92,7 @@ def test_two_subscribers_one_upstream_subscription_late_join_and_teardown(versio
     # a late joiner: no second upstream SUBSCRIBE; the subscription starts after the largest
     # object, and a relative joining FETCH brings the current group's start from the cache
     s2, ev2 = connect(relay, version, "s2")
-    s2.session.send(m.Subscribe(s2.session.next_request_id(), NS, TRACK))
+    s2.session.send(m.Subscribe(s2.session.next_request_id(), NS, TRACK, LARGEST))
     assert pub.answer_subscribes() == 0
     ok2 = messages(ev2, m.SubscribeOk)[0]
     assert ok2.params.largest_object.group == 1 and ok2.params.largest_object.object == 1
@@ -239,14 +241,21 @@ def test_a_bare_publish_is_accepted_with_the_publishers_group_order(version):
     assert messages(ev, m.SubscribeOk)
 
 
-def test_an_internal_error_closes_only_that_session(monkeypatch):
+def test_an_internal_error_fails_only_that_request(monkeypatch, caplog):
     relay = Relay()
     a, aev = connect(relay, Version.DRAFT_16, "a")
     b, bev = connect(relay, Version.DRAFT_16, "b")
-    monkeypatch.setattr(Relay, "_on_PublishNamespace", lambda self, peer, msg: 1 / 0)
-    a.session.send(m.PublishNamespace(a.session.next_request_id(), NS))
-    assert isinstance(aev[-1], Closed) and aev[-1].code == ErrorCode.INTERNAL_ERROR
-    assert not b.session.closed and len(relay.peers) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(Relay, "_on_PublishNamespace", lambda self, peer, msg: 1 / 0)
+        a.session.send(m.PublishNamespace(a.session.next_request_id(), NS))
+    err = messages(aev, m.RequestError)
+    assert len(err) == 1 and err[0].error_code == m.RequestErrorCode.INTERNAL_ERROR
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and lines[0].startswith(
+        "a: PublishNamespace for request 0 failed: ZeroDivisionError('division by zero') at test_relay.py:")
+    assert a.session.closed is None and b.session.closed is None and len(relay.peers) == 2
+    a.session.send(m.PublishNamespace(a.session.next_request_id(), NS))  # the session goes on
+    assert len(messages(aev, m.RequestOk)) == 1
 
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])

@@ -24,6 +24,8 @@ from fastrelay.moq.subscriber import subscribe
 from fastrelay.moq.wire import Location
 from fastrelay.quic.tls import self_signed
 
+from .test_relay import LARGEST
+
 NS, TRACK = (b"late", b"join"), b"video"
 
 
@@ -139,7 +141,7 @@ async def _late_join_fetches(url: str, joining_starts: tuple[int, ...]) -> list:
     await asyncio.sleep(1.0)
     answers = []
     async with MoqtClient(url) as late:
-        ok = await late.request(lambda rid: m.Subscribe(rid, NS, TRACK))
+        ok = await late.request(lambda rid: m.Subscribe(rid, NS, TRACK, LARGEST))  # joinable
         assert isinstance(ok, m.SubscribeOk) and ok.params.largest_object == Location(9, 9)
         for start in joining_starts:
             reply = await late.request(lambda rid, start=start: m.Fetch(

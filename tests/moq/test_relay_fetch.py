@@ -12,7 +12,7 @@ from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import ObjectReceived, StreamEnded
 from fastrelay.moq.wire import Location
 
-from .test_relay import NS, TRACK, Publisher, connect, messages
+from .test_relay import LARGEST, NS, TRACK, Publisher, connect, messages
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 
@@ -41,7 +41,7 @@ def test_absolute_joining_fetch_delivers_from_the_named_group_to_the_subscriptio
         pub, _, _ = setup(relay, version, groups=4)
         late, ev = connect(relay, version, "late")
         sub = late.session.next_request_id()
-        late.session.send(m.Subscribe(sub, NS, TRACK))
+        late.session.send(m.Subscribe(sub, NS, TRACK, LARGEST))
         assert messages(ev, m.SubscribeOk)[0].params.largest_object == Location(3, 1)
         fid = late.session.next_request_id()
         late.session.send(m.Fetch(fid, m.FetchType.ABSOLUTE_JOINING, joining_request_id=sub, joining_start=2))
@@ -120,7 +120,7 @@ def test_a_group_whose_head_was_evicted_is_not_served_with_a_hole():
 
     late, ev = connect(relay, D16, "late")
     sub = late.session.next_request_id()
-    late.session.send(m.Subscribe(sub, NS, TRACK))
+    late.session.send(m.Subscribe(sub, NS, TRACK, LARGEST))
     late.session.send(m.Fetch(late.session.next_request_id(), m.FetchType.RELATIVE_JOINING,
                               joining_request_id=sub, joining_start=0))  # group 1 from its start: gone
     err = messages(ev, m.RequestError)[-1]
@@ -138,7 +138,7 @@ def test_objects_before_the_upstream_subscription_are_unknown_not_missing():
     pub = Publisher(relay, D16)
     s, ev = connect(relay, D16, "s")
     sub = s.session.next_request_id()
-    s.session.send(m.Subscribe(sub, NS, TRACK))
+    s.session.send(m.Subscribe(sub, NS, TRACK, LARGEST))
     pub.answer_subscribes(largest=Location(3, 5))  # the publisher was mid-group 3 already
     assert messages(ev, m.SubscribeOk)[0].params.largest_object == Location(3, 5)
     pub.write(3, 6)

@@ -70,24 +70,142 @@ def test_request_ids_must_be_in_sequence():
     assert isinstance(sev[-1], Closed) and isinstance(cev[-1], Closed) and cev[-1].by_peer
 
 
-def test_request_window_grows_and_is_enforced():
-    c, s, cev, sev = pair(Version.DRAFT_16, window=4)
-    for _ in range(10):  # the server keeps the window open with MAX_REQUEST_ID
-        c.session.send(m.Subscribe(c.session.next_request_id(), (b"a",), b"b"))
-    assert s.session.closed is None and len([e for e in sev if isinstance(e, MessageReceived)]) == 10
-    c2, s2, _, _ = pair(Version.DRAFT_16, window=4)
+def grants(side: Pipe) -> list[int]:
+    """The MAX_REQUEST_IDs `side`'s session sends from now on (the peer's session takes them in)."""
+    sent: list[int] = []
+    send = side.session._send_control
+
+    def spy(msg: m.Message) -> None:
+        if isinstance(msg, m.MaxRequestId):
+            sent.append(msg.max_request_id)
+        send(msg)
+    side.session._send_control = spy
+    return sent
+
+
+def test_request_ids_are_granted_as_requests_finish_and_enforced():
+    c, s, cev, sev = pair(Version.DRAFT_16, window=4)  # request IDs 0 and 2: two requests in progress
+    for _ in range(10):  # each answered (refused): the server grants their IDs again
+        rid = c.session.next_request_id()
+        c.session.send(m.Subscribe(rid, (b"a",), b"b"))
+        s.session.send(m.RequestError(rid, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.SUBSCRIBE))
+    assert s.session.closed is None and s.session.requests_in_progress == 0
+    c2, s2, cev2, _ = pair(Version.DRAFT_16, window=4)
+    granted = grants(s2)
+    for _ in range(2):  # never answered: the limit stays
+        c2.session.send(m.Subscribe(c2.session.next_request_id(), (b"a",), b"b"))
+    with pytest.raises(ConnectionError):
+        c2.session.next_request_id()
+    assert granted == [] and s2.session.requests_in_progress == 2
     c2.session._next_request_id = 4  # pretend: beyond the limit without asking
     c2.session._peer_max = 100
     c2.session._send_control(m.Subscribe(4, (b"a",), b"b"))
     assert s2.closed_with[0] in (ErrorCode.INVALID_REQUEST_ID, ErrorCode.TOO_MANY_REQUESTS)
 
 
-def test_blocked_requests_raise_and_send_requests_blocked():
-    c, s, cev, sev = pair(Version.DRAFT_16, window=2)
-    c.session.next_request_id()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_way_a_request_ends_frees_its_request_id(version):
+    """The server sees every message that ends one of the client's requests and grants that many
+    Request IDs again once the client has used all of its own (limit: 8 in progress)."""
+    c, s, cev, sev = pair(version, window=16)
+    cs, ss = c.session, s.session
+    d16 = version == Version.DRAFT_16
+    granted = grants(s)
+
+    def request(msg_of):
+        rid = cs.next_request_id()
+        cs.send(msg_of(rid))
+        return rid
+
+    sub = request(lambda r: m.Subscribe(r, (b"a",), b"b"))               # ends: server's PUBLISH_DONE
+    sub2 = request(lambda r: m.Subscribe(r, (b"a",), b"c"))              # ends: client's UNSUBSCRIBE
+    fetch = request(lambda r: m.Fetch(r, m.FetchType.STANDALONE, (b"a",), b"b", Location(0, 0), Location(1, 0)))
+    fetch2 = request(lambda r: m.Fetch(r, m.FetchType.STANDALONE, (b"a",), b"b", Location(0, 0), Location(1, 0)))
+    status = request(lambda r: m.TrackStatus(r, (b"a",), b"b"))          # ends: its answer
+    ns = request(lambda r: m.PublishNamespace(r, (b"n",)))               # ends: PUBLISH_NAMESPACE_DONE
+    ns2 = request(lambda r: m.PublishNamespace(r, (b"o",)))              # ends: server's PUBLISH_NAMESPACE_CANCEL
+    if d16:
+        stream = cs.open_request_stream(m.SubscribeNamespace(cs.next_request_id(), (b"p",)))  # ends: its stream
+    else:
+        request(lambda r: m.SubscribeNamespace(r, (b"p",)))              # ends: UNSUBSCRIBE_NAMESPACE
+    assert ss.requests_in_progress == 8
+    with pytest.raises(ConnectionError):
+        cs.next_request_id()
+    assert ss.unanswered(sub) and not ss.unanswered(16)
+
+    ss.send(m.SubscribeOk(sub, 1))
+    assert not ss.unanswered(sub) and ss.requests_in_progress == 8  # answered, still in progress
+    ss.send(m.FetchOk(fetch, False, Location(0, 1)))
+    writer = ss.open_fetch(fetch)
+    ss.send(m.RequestOk(ns, request_kind=m.RequestKind.PUBLISH_NAMESPACE))
+    ss.send(m.RequestOk(ns2, request_kind=m.RequestKind.PUBLISH_NAMESPACE))
+    assert ss.requests_in_progress == 8
+    ends = [
+        lambda: ss.send(m.PublishDone(sub, m.PublishDoneCode.TRACK_ENDED, 0)),
+        lambda: cs.send(m.Unsubscribe(sub2)),
+        writer.finish,
+        lambda: cs.send(m.FetchCancel(fetch2)),
+        lambda: ss.send(m.RequestOk(status, request_kind=m.RequestKind.TRACK_STATUS)),
+        lambda: cs.send(m.PublishNamespaceDone(ns if d16 else None, None if d16 else (b"n",))),
+        lambda: ss.send(m.PublishNamespaceCancel(ns2 if d16 else None, m.RequestErrorCode.INTERNAL_ERROR, "",
+                                                 None if d16 else (b"o",))),
+        (lambda: cs.end_request_stream(stream)) if d16 else (lambda: cs.send(m.UnsubscribeNamespace((b"p",)))),
+    ]
+    for i, end in enumerate(ends):
+        end()
+        assert ss.requests_in_progress == 7 - i
+    # the client had no Request ID left: the first end granted one at once, the next four
+    # (half the limit) one more batch; the last three wait until they are worth a message
+    assert granted == [18, 26]
+    assert [cs.next_request_id() for _ in range(5)] == [16, 18, 20, 22, 24]
+    assert c.closed_with is None and s.closed_with is None
+
+
+def test_grants_come_in_batches_while_the_peer_has_request_ids_left():
+    c, s, cev, sev = pair(Version.DRAFT_16, window=16)  # 8 in progress
+    granted = grants(s)
+    for _ in range(3):
+        rid = c.session.next_request_id()
+        c.session.send(m.TrackStatus(rid, (b"a",), b"b"))
+        s.session.send(m.RequestError(rid, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.TRACK_STATUS))
+    assert granted == []  # 5 left, 3 free: not worth a message yet
+    rid = c.session.next_request_id()
+    c.session.send(m.TrackStatus(rid, (b"a",), b"b"))
+    s.session.send(m.RequestError(rid, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.TRACK_STATUS))
+    assert granted == [24]  # half the limit free: one MAX_REQUEST_ID for four
+
+
+def test_a_lower_limit_before_setup_is_what_setup_grants():
+    from fastrelay.moq.relay import Relay
+
+    relay = Relay(max_requests=3)
+    c, s = Pipe(True), Pipe(False)
+    c.peer, s.peer = s, c
+    cev: list = []
+    c.session = MoqtSession(c, client=True, version=Version.DRAFT_16, on_event=cev.append)
+    s.session = MoqtSession(s, client=False, version=Version.DRAFT_16, on_event=lambda e: None)
+    relay.attach(s.session, "s")
+    c.session.start()
+    assert [c.session.next_request_id() for _ in range(3)] == [0, 2, 4]
     with pytest.raises(ConnectionError):
         c.session.next_request_id()
-    assert isinstance(sev[-1].message, m.RequestsBlocked)
+
+
+def test_draft14_subscribe_update_has_no_reply_and_never_counts():
+    c, s, cev, sev = _subscribed(Version.DRAFT_14)
+    update = m.MessageParams(forward=False, subscriber_priority=1, subscription_filter=UNFILTERED)
+    c.session.send(m.RequestUpdate(c.session.next_request_id(), 0, update))
+    assert s.session.requests_in_progress == 1  # the SUBSCRIBE only
+
+
+def test_blocked_requests_raise_and_send_requests_blocked_once_per_limit():
+    c, s, cev, sev = pair(Version.DRAFT_16, window=2)
+    c.session.next_request_id()
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            c.session.next_request_id()
+    blocked = [e.message for e in sev if isinstance(e, MessageReceived) and isinstance(e.message, m.RequestsBlocked)]
+    assert blocked == [m.RequestsBlocked(2)]
 
 
 @pytest.mark.parametrize("bad", [
@@ -256,3 +374,21 @@ def test_fetch_writer_reset_abandons_the_stream():
     w.finish()  # no effect once reset
     ended = [e for e in cev if isinstance(e, StreamEnded)]
     assert len(ended) == 1 and ended[0].reset_code == 1 and ended[0].stream_id == w.stream_id
+
+
+def test_a_long_session_remembers_the_kinds_of_its_latest_requests_only(monkeypatch):
+    """Request kinds are kept for the latest KINDS_KEPT requests per side, so a session that makes
+    requests forever holds bounded state; a message about a forgotten request passes as a race."""
+    import fastrelay.moq.session as session_module
+
+    monkeypatch.setattr(session_module, "KINDS_KEPT", 8)
+    c, s, cev, sev = pair(Version.DRAFT_16, window=8)
+    for _ in range(100):
+        rid = c.session.next_request_id()
+        c.session.send(m.TrackStatus(rid, (b"a",), b"b"))
+        s.session.send(m.RequestError(rid, m.RequestErrorCode.DOES_NOT_EXIST, 0, "", m.RequestKind.TRACK_STATUS))
+    assert len(s.session._peer_kinds._codes) < 16 and len(c.session._our_kinds._codes) < 16
+    c.session.send(m.Unsubscribe(0))  # request 0 (a TRACK_STATUS) is forgotten: not checked
+    assert s.session.closed is None
+    c.session.send(m.Unsubscribe(rid))  # a recent one is: it was no SUBSCRIBE
+    assert s.closed_with[0] == ErrorCode.PROTOCOL_VIOLATION

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import time
 from dataclasses import replace
 
+import pytest
+
 from fastrelay.media.h264 import Frame, H264Source, SyntheticSource, verify_synthetic_payload
+from fastrelay.moq import messages as m
 from fastrelay.moq.endpoint import serve_relay
+from fastrelay.moq.params import FilterType, SubscriptionFilter, Version
 from fastrelay.moq.publisher import publish
 from fastrelay.moq.relay import Relay
+from fastrelay.moq.session import MessageReceived
 from fastrelay.moq.subscriber import LossLedger, _Reorder, subscribe
 from fastrelay.quic.tls import self_signed
 
+from .test_endpoint_errors import FR
 from .test_quic_e2e import NS, TRACK, announced, free_port, relay_server
+from .test_relay_cli import relay_process
 
 GOP, STEP = 30, 33_333  # objects per group, frame interval (us)
 
@@ -211,3 +219,82 @@ def test_goaway_ends_the_subscription_with_a_decodable_file(tmp_path, caplog):
     assert probe.returncode == 0 and not probe.stderr.strip() and probe.stdout.strip() == str(got.written)
     lines = [r.getMessage() for r in caplog.records if "GOAWAY" in r.getMessage()]
     assert lines == [f"relay sent GOAWAY: ending the subscription after {got.objects} objects"]
+
+
+@pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14], ids=["draft16", "draft14"])
+def test_a_late_joiner_subscribes_from_the_largest_object_before_its_joining_fetch(tmp_path, version):
+    """Drafts 14 and 16 allow a joining FETCH only for a SUBSCRIBE with filter Largest Object."""
+    async def main():
+        async with relay_server(tmp_path) as (relay, url):
+            seen: list[m.Message] = []
+            on_event = relay.on_event
+
+            def spy(peer, ev):
+                if isinstance(ev, MessageReceived) and isinstance(ev.message, m.Subscribe | m.Fetch):
+                    seen.append(ev.message)
+                on_event(peer, ev)
+
+            relay.on_event = spy
+            pub = asyncio.create_task(publish(url, NS, TRACK, SyntheticSource(object_size=500, fps=150, gop=30,
+                                                                              count=300, realtime=True),
+                                              version=version, wait_subscriber=5))
+            await asyncio.wait_for(announced(relay), 5)
+            first = asyncio.create_task(subscribe(url, NS, TRACK, version=version, codec="raw", duration=15))
+            await asyncio.sleep(0.7)  # mid-group
+            late = await subscribe(url, NS, TRACK, version=version, codec="raw", duration=15)
+            await pub
+            return seen, late, await first
+
+    seen, late, first = asyncio.run(main())
+    fetches = [msg for msg in seen if isinstance(msg, m.Fetch)]
+    assert [f.fetch_type for f in fetches] == [m.FetchType.RELATIVE_JOINING]
+    joined = next(msg for msg in seen
+                  if isinstance(msg, m.Subscribe) and msg.request_id == fetches[0].joining_request_id)
+    assert joined.params.subscription_filter == SubscriptionFilter(FilterType.LARGEST_OBJECT)
+    assert late.ended.startswith("publish_done") and late.objects % 30 == 0 and late.bad == 0 and late.lost == 0
+    assert first.objects == 300
+
+
+class _CutSource(SyntheticSource):
+    """Synthetic objects, every tenth cut short: to 20 bytes (inside its header) or to half its size."""
+
+    def _make(self, index: int) -> list:
+        events = super()._make(index)
+        if index % 10 == 5:
+            frame = events[-1]
+            events[-1] = replace(frame, data=frame.data[:20 if index % 20 == 5 else len(frame.data) // 2])
+        return events
+
+
+def test_synthetic_payloads_are_verified_without_being_asked_and_cut_ones_are_bad(tmp_path):
+    async def main(source):
+        async with relay_server(tmp_path) as (relay, url):
+            pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5))
+            await asyncio.wait_for(announced(relay), 5)
+            got = await subscribe(url, NS, TRACK, codec="raw", duration=15)
+            return await pub, got
+
+    sent, got = asyncio.run(main(SyntheticSource(object_size=900, fps=300, gop=30, count=200, realtime=True)))
+    assert got.objects == sent.objects == 200 and (got.verified, got.bad, got.lost) == (200, 0, 0)
+    assert got.summary()["verified"] == 200 and got.summary()["bad"] == 0
+    sent, got = asyncio.run(main(_CutSource(object_size=900, fps=300, gop=30, count=200, realtime=True)))
+    assert got.objects == 200 and (got.verified, got.bad) == (180, 20)
+
+
+def test_fastrelay_subscribe_reports_verified_and_bad_of_fastrelay_publish(tmp_path):
+    """The commands as interop tests run them: the summary says every object was verified."""
+    with relay_process(tmp_path) as (_, url):
+        relay_log = tmp_path / f"relay-{url.rsplit(':', 1)[1]}.log"
+        pub = subprocess.Popen([*FR, "publish", url, "-N", "live/cam", "-T", "video", "--source", "synthetic",
+                                "--fps", "100", "--gop", "20", "--duration", "2", "--object-size", "700",
+                                "--wait", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while "publishes namespace" not in relay_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sub = subprocess.run([*FR, "subscribe", url, "-N", "live/cam", "-T", "video", "--raw", "--duration", "20"],
+                             capture_output=True, text=True, timeout=60)
+        out, err = pub.communicate(timeout=60)
+    assert pub.returncode == 0, err
+    sent, summary = json.loads(out.splitlines()[-1]), json.loads(sub.stdout.splitlines()[-1])
+    assert summary["objects"] == summary["verified"] == sent["objects"] == 200, sub.stderr
+    assert (summary["bad"], summary["lost"]) == (0, 0)

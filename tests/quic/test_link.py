@@ -2,11 +2,16 @@
 plaintext mode (details of that mode: test_plaintext.py)."""
 
 import asyncio
+import logging
+import os
+import socket
 
 import pytest
 from aioquic.asyncio import connect, serve
 
-from fastrelay.quic.link import QuicLink, configuration
+from fastrelay.quic import link as link_module
+from fastrelay.quic.internals import is_stream_open
+from fastrelay.quic.link import SOCKET_BUFFER, QuicLink, SocketBuffers, configuration, udp_socket_drops
 from fastrelay.quic.tls import self_signed
 
 
@@ -30,6 +35,7 @@ class Recorder:
 
     def stop_sending(self, stream_id, code):
         self.events.append(("stop", stream_id, code))
+        self.got.set()
 
     def datagram(self, data):
         self.events.append(("datagram", data))
@@ -160,3 +166,70 @@ def test_send_limited_says_whether_the_window_held_data_back(tls):
         server.close()
 
     asyncio.run(main())
+
+
+def test_writes_on_a_stream_the_peer_stopped_are_dropped_and_counted(tls, caplog):
+    """After the peer's STOP_SENDING (aioquic resets the stream) and after aioquic discarded the reset
+    stream, writes are no-ops, counted and logged once; STOP_SENDING on a stream that is over is one too."""
+    caplog.set_level(logging.INFO, logger="fastrelay.quic")
+
+    async def main():
+        servers = []
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        server = await link_module.serve("127.0.0.1", 0, cfg, lambda quic: QuicLink(
+            quic, handler_factory=lambda link: servers.append(Recorder(link)) or servers[-1]))
+        ccfg = configuration(client=True, alpn=["fr-test"], verify=False)
+        async with connect(*server.socket.getsockname(), configuration=ccfg, create_protocol=QuicLink) as client:
+            rec = Recorder(client)
+            client.handler = rec
+            await client.ping()
+            srv = servers[0]
+            sid = srv.link.open_stream(unidirectional=True)
+            srv.link.send(sid, b"first")
+            await wait_for(rec, lambda ev: ("stream", sid, b"first", False) in ev)
+            client.stop(sid, 9)
+            await wait_for(srv, lambda ev: ("stop", sid, 9) in ev)
+            srv.link.send(sid, b"more")  # aioquic: "Cannot send data after the stream was reset"
+            srv.link.send(sid, b"", fin=True)
+            await asyncio.sleep(0.3)  # the reset is acknowledged and the stream discarded
+            assert not is_stream_open(srv.link.quic, sid) and not is_stream_open(client.quic, sid)
+            srv.link.send(sid, b"late")  # aioquic: "Cannot send data on a finished stream"
+            client.stop(sid, 9)  # aioquic: "Cannot stop receiving on an unknown stream"
+            other = srv.link.open_stream(unidirectional=True)
+            srv.link.send(other, b"others go on", fin=True)
+            await wait_for(rec, lambda ev: ("stream", other, b"others go on", True) in ev)
+            dropped = srv.link.stats.dropped_writes
+        server.close()
+        return dropped
+
+    assert asyncio.run(main()) == 3
+    assert sum("writes on such streams are dropped" in r.getMessage() for r in caplog.records) == 1
+
+
+BURST = 3000  # full-size datagrams: some 7 MB of kernel memory, far beyond the default buffer (~200 KiB)
+
+
+def test_socket_buffers_hold_a_burst_that_the_default_would_drop(tls, root):
+    """The server's socket gets SOCKET_BUFFER both ways (forced past the sysctl ceilings as root);
+    a burst sent while the event loop does not read loses nothing there, and the same burst into a
+    socket of the kernel's default size is dropped in part, as udp_socket_drops() counts."""
+    async def main():
+        cfg = configuration(client=False, alpn=["fr-test"], cert=tls[0], key=tls[1])
+        server = await link_module.serve("127.0.0.1", 0, cfg, lambda quic: QuicLink(quic))
+        ours = server.socket
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as default, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            default.bind(("127.0.0.1", 0))
+            for _ in range(BURST):  # no await: the loop reads nothing meanwhile
+                junk = os.urandom(1200)
+                sender.sendto(junk, ours.getsockname())
+                sender.sendto(junk, default.getsockname())
+            drops = udp_socket_drops(ours), udp_socket_drops(default)
+            await asyncio.sleep(0.5)
+        server.close()
+        return server.buffers, drops, server.stats.ignored.total()
+
+    buffers, (ours, default), read = asyncio.run(main())
+    assert buffers == SocketBuffers(SOCKET_BUFFER, SOCKET_BUFFER, forced=True)
+    assert ours == 0 and default > BURST // 2
+    assert read == BURST  # all of it was read (and ignored: junk) once the loop ran

@@ -5,7 +5,8 @@ fixed rate, and one process holding N subscriber sessions. Reported per case: de
 objects/s, end-to-end latency p50/p99 (subscriber clock minus the publisher's send-time
 extension, same host), relay CPU per delivered object (schedstat of the relay process) and
 objects lost. Relays: fastrelay on the chosen data path (`--datapath`) and, where installed,
-aiomoqt's (userspace).
+aiomoqt's and moq-dev's (userspace; moq-dev's is its `moq` package's Server with one origin for
+publishing and subscribing, run by this module, as moq-relay does).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..lab.cpu import process_cpu_s
 from .report import replace_section, table
@@ -30,6 +32,8 @@ from .report import replace_section, table
 NS, TRACK = "bench/moq", "synthetic"
 # `fastrelay relay` arguments per data path the benchmark can run it on
 DATAPATHS: dict[str, tuple[str, ...]] = {"userspace": ()}
+# the other relays: name -> the distribution it needs (the dev extras install both)
+PEERS = {"aiomoqt": "aiomoqt", "moq-dev": "moq-rs"}
 
 
 @dataclass
@@ -44,6 +48,10 @@ class MoqCase:
     lost: int
 
 
+class CaseFailed(RuntimeError):
+    """A process of the case ended without its result (the message: which, and its last words)."""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -52,28 +60,39 @@ def _free_port() -> int:
 
 def relay_command(name: str, port: int, state: str, datapath: str = "userspace") -> list[str]:
     """The command running relay `name` on 127.0.0.1:port (draft-16, raw QUIC); `datapath` is
-    fastrelay's (aiomoqt's relay is userspace only)."""
+    fastrelay's (the other relays are userspace only)."""
     if name == "fastrelay":
         if datapath not in DATAPATHS:
             raise ValueError(f"data path {datapath!r}: choose from {', '.join(DATAPATHS)}")
         return [sys.executable, "-m", "fastrelay", "relay", f"moqt://127.0.0.1:{port}", "--state-dir", state,
                 "--drafts", "16", *DATAPATHS[datapath]]
-    if name == "aiomoqt":
-        from ..quic.tls import self_signed
+    if name not in PEERS:
+        raise ValueError(f"unknown relay {name!r}")
+    from ..quic.tls import self_signed
 
-        cert, key = self_signed(["127.0.0.1"])
-        Path(state, "c.pem").write_bytes(cert)
-        Path(state, "k.pem").write_bytes(key)
+    cert, key = self_signed(["127.0.0.1"])
+    Path(state, "c.pem").write_bytes(cert)
+    Path(state, "k.pem").write_bytes(key)
+    if name == "aiomoqt":
         return [sys.executable, "-m", "aiomoqt.tools.moq_interop_relay", "--bind", "127.0.0.1", "--port", str(port),
                 "--cert", f"{state}/c.pem", "--key", f"{state}/k.pem", "--quic", "--draft", "16"]
-    raise ValueError(f"unknown relay {name!r}")
+    # moq-dev's server offers every draft it speaks; fastrelay's publisher and subscribers pick 16
+    return [sys.executable, "-m", "fastrelay.bench.moq", "moq-dev-relay", f"127.0.0.1:{port}",
+            "--cert", f"{state}/c.pem", "--key", f"{state}/k.pem"]
 
 
 def available_relays() -> list[str]:
-    """fastrelay, plus aiomoqt's relay when the package is installed (the dev extras have it)."""
-    import importlib.util
+    """fastrelay, plus each other relay whose distribution is installed."""
+    import importlib.metadata
 
-    return ["fastrelay"] + (["aiomoqt"] if importlib.util.find_spec("aiomoqt") else [])
+    def installed(dist: str) -> bool:
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+    return ["fastrelay"] + [name for name, dist in PEERS.items() if installed(dist)]
 
 
 def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, datapath: str = "userspace") -> MoqCase:
@@ -90,19 +109,17 @@ def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, da
             pub = subprocess.Popen([sys.executable, "-m", "fastrelay", "publish", url, "-N", NS, "-T", TRACK,
                                     "--source", "synthetic", "--fps", str(rate), "--object-size", str(size),
                                     "--gop", "30", "--duration", str(seconds), "--wait", "15"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(pub)
             time.sleep(0.5)
-            subs = subprocess.Popen([sys.executable, "-m", "fastrelay.bench.moq", "--subscribers", str(fanout),
+            subs = subprocess.Popen([sys.executable, "-m", "fastrelay.bench.moq", "subscribers", str(fanout),
                                      "--url", url, "--seconds", str(seconds + 10)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(subs)
             cpu0 = process_cpu_s(rproc.pid)
-            pub_out, _ = pub.communicate(timeout=seconds + 60)
-            sent = json.loads(pub_out.strip().splitlines()[-1])
+            sent = _result(pub, "publisher", seconds + 60)
             cpu1 = process_cpu_s(rproc.pid)
-            sub_out, _ = subs.communicate(timeout=seconds + 60)
-            results = json.loads(sub_out.strip().splitlines()[-1])
+            results = _result(subs, "subscribers", seconds + 60)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -116,6 +133,16 @@ def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, da
                    sent["objects"] * fanout - delivered)
 
 
+def _result(proc: subprocess.Popen[str], name: str, timeout: float) -> Any:
+    """The JSON result `proc` prints last; CaseFailed if it printed none or failed."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = out.strip().splitlines()
+    if proc.returncode or not lines:
+        last = err.strip().splitlines()[-1:] or ["no output"]
+        raise CaseFailed(f"{name} exited {proc.returncode}: {last[0]}")
+    return json.loads(lines[-1])
+
+
 async def _subscribers(url: str, n: int, seconds: float) -> list[dict]:
     from ..moq.subscriber import subscribe
 
@@ -127,28 +154,45 @@ async def _subscribers(url: str, n: int, seconds: float) -> list[dict]:
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
+async def _moq_dev_relay(bind: str, cert: str, key: str) -> None:
+    """moq-dev's relay: every session publishes into and subscribes from one origin."""
+    import moq
+
+    origin = moq.OriginProducer()
+    async with moq.Server(bind, tls_cert=[cert], tls_key=[key], publish=origin, subscribe=origin) as server:
+        await server.serve()
+
+
 def main(args: argparse.Namespace) -> int:
     fanouts = [int(x) for x in (args.fanouts or ("1,4" if args.quick else "1,4,16")).split(",")]
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     relays = available_relays()
-    cases = []
+    cases: list[MoqCase] = []
+    failed: list[dict[str, object]] = []  # a peer that breaks a case must not cost the other rows
     for relay in relays:
         for fanout in fanouts:
-            c = run_case(relay, fanout, rate=args.rate, size=args.size, seconds=seconds, datapath=args.datapath)
+            try:
+                c = run_case(relay, fanout, rate=args.rate, size=args.size, seconds=seconds, datapath=args.datapath)
+            except CaseFailed as exc:
+                failed.append({"relay": relay, "fanout": fanout, "error": str(exc)})
+                print(f"  {relay:10} fanout {fanout:3}  failed: {exc}", file=sys.stderr)
+                continue
             cases.append(c)
             print(f"  {c.relay:10} {c.datapath:9} fanout {c.fanout:3}  objects/s {c.objects_per_s:8.0f}"
                   f"  p50 {c.latency_p50_ms} ms  p99 {c.latency_p99_ms} ms  cpu {c.cpu_ms_per_object} ms/object"
                   f"  lost {c.lost}",
                   file=sys.stderr)
     if args.write:
+        peers = [r for r in relays if r != "fastrelay"]
+        vs = f" vs {' and '.join(f"{p}'s" for p in peers)} relay{'s' if len(peers) > 1 else ''}" if peers else ""
         rows = [[c.relay, c.datapath, c.fanout, f"{c.objects_per_s:.0f}", _f(c.latency_p50_ms), _f(c.latency_p99_ms),
                  _f(c.cpu_ms_per_object, 4), c.lost] for c in cases]
         body = "\n".join([
-            f"## MoQT relay ({args.datapath} data path) vs aiomoqt's relay",
+            f"## MoQT relay ({args.datapath} data path){vs}",
             "",
             f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} CPUs), synthetic objects of "
             f"{args.size} bytes at {args.rate:g}/s, {seconds:g} s per case, publisher, relay and subscribers on "
-            "one host (loopback), one run; the same fastrelay publisher and subscribers for both relays:",
+            "one host (loopback), one run; the same fastrelay publisher and subscribers for every relay:",
             "",
             "    " + "fastrelay bench moq " + " ".join(sys.argv[3:]),
             "",
@@ -156,24 +200,36 @@ def main(args: argparse.Namespace) -> int:
                    "relay CPU ms/object", "lost"], rows),
             "",
             *[f"- {line}" for line in _ratios(cases)],
+            *[f"- {f['relay']} fan-out {f['fanout']}: failed ({f['error']})" for f in failed],
             "- lost = objects published x fan-out - objects delivered; a relay that cannot keep up makes its"
             " subscribers fall behind, and fastrelay's then skip to newer groups (its bounded-backlog rule).",
+            *([MOQ_DEV_NOTE] if "moq-dev" in peers else []),
         ])
         replace_section(Path(args.write), "moq", body)
     if args.json:
-        print(json.dumps({"cases": [asdict(c) for c in cases]}))
-    return 0
+        print(json.dumps({"cases": [asdict(c) for c in cases], "failed": failed}))
+    return 1 if failed else 0
+
+
+MOQ_DEV_NOTE = (
+    "- moq-dev's relay takes one stream per group, and fastrelay publish sends a group as two subgroups"
+    " (object 0, the keyframe, then the rest): it forwards object 0 of each group only, lost counts the"
+    " rest (tests/interop/test_moq_dev.py). It also replaces the objects' extension headers with its own"
+    " timestamp, so the publisher's send time does not arrive: latency n/a.")
 
 
 def _ratios(cases: list[MoqCase]) -> list[str]:
     by = {(c.relay, c.fanout): c for c in cases}
     out = []
     for fanout in sorted({c.fanout for c in cases}):
-        f, a = by.get(("fastrelay", fanout)), by.get(("aiomoqt", fanout))
-        if f and a and f.cpu_ms_per_object and a.cpu_ms_per_object:
-            ratio = f.cpu_ms_per_object / a.cpu_ms_per_object
-            out.append(f"fan-out {fanout}: relay CPU per object fastrelay/aiomoqt {ratio:.1f}x,"
-                       f" delivered {f.objects_per_s:.0f} vs {a.objects_per_s:.0f} objects/s")
+        f = by.get(("fastrelay", fanout))
+        for peer in PEERS:
+            a = by.get((peer, fanout))
+            # per delivered object, CPU compares only relays that delivered (about) the same load
+            if f and a and f.cpu_ms_per_object and a.cpu_ms_per_object and a.objects_per_s >= 0.9 * f.objects_per_s:
+                ratio = f.cpu_ms_per_object / a.cpu_ms_per_object
+                out.append(f"fan-out {fanout}: relay CPU per object fastrelay/{peer} {ratio:.1f}x,"
+                           f" delivered {f.objects_per_s:.0f} vs {a.objects_per_s:.0f} objects/s")
     return out
 
 
@@ -181,10 +237,19 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-if __name__ == "__main__":  # the subscriber-side process of a case
+if __name__ == "__main__":  # the other processes of a case: its subscribers, or moq-dev's relay
     p = argparse.ArgumentParser()
-    p.add_argument("--subscribers", type=int, required=True)
-    p.add_argument("--url", required=True)
-    p.add_argument("--seconds", type=float, required=True)
+    role = p.add_subparsers(dest="role", required=True)
+    sp = role.add_parser("subscribers")
+    sp.add_argument("n", type=int)
+    sp.add_argument("--url", required=True)
+    sp.add_argument("--seconds", type=float, required=True)
+    rp = role.add_parser("moq-dev-relay")
+    rp.add_argument("bind", help="HOST:PORT")
+    rp.add_argument("--cert", required=True)
+    rp.add_argument("--key", required=True)
     a = p.parse_args()
-    print(json.dumps(asyncio.run(_subscribers(a.url, a.subscribers, a.seconds))))
+    if a.role == "subscribers":
+        print(json.dumps(asyncio.run(_subscribers(a.url, a.n, a.seconds))))
+    else:
+        asyncio.run(_moq_dev_relay(a.bind, a.cert, a.key))

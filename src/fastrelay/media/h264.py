@@ -68,6 +68,7 @@ __all__ = [
     "SyntheticSource",
     "available_h264_encoders",
     "build_avc_config",
+    "is_synthetic_payload",
     "iter_access_units",
     "join_annexb",
     "parse_sps",
@@ -729,8 +730,17 @@ def synthetic_payload(group_id: int, object_id: int, size: int, seed: int = 0) -
     return header + (block * (body // 64 + 1))[:body]
 
 
+def is_synthetic_payload(payload: bytes) -> bool:
+    """Whether ``payload`` starts like a synthetic_payload (its magic): worth verifying."""
+    return payload[: len(_SYN_MAGIC)] == _SYN_MAGIC
+
+
 def verify_synthetic_payload(group_id: int, object_id: int, payload: bytes, seed: int = 0) -> bool:
-    """True iff ``payload`` is exactly what SyntheticSource sends for (group, object)."""
+    """True iff ``payload`` is exactly what SyntheticSource sends for (group, object): its whole
+    header, declaring the payload's actual length, then the body. A cut payload fails: one too
+    short to hold the header (a prefix of any payload's header), or one shorter than declared."""
+    if len(payload) < _SYN_HEADER.size or _SYN_HEADER.unpack_from(payload)[3] != len(payload):
+        return False
     return payload == synthetic_payload(group_id, object_id, len(payload), seed)
 
 

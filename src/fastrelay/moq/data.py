@@ -376,7 +376,9 @@ def encode_fetch_object(obj: Object, prev: Object | EndOfRange | None, version: 
     prior Group/Object IDs are its end and the prior Subgroup ID and priority are those of
     `last_object`, the last Object before it (written explicitly if None). Draft-14 writes
     every field, a Datagram Object's Subgroup ID as its Object ID, and the status if the
-    payload is empty. Draft-16 fetch Objects carry no status: use EndOfRange instead."""
+    payload is empty. Draft-16 fetch Objects carry no status (section 10.2.1.1): leave an End
+    of Group / End of Track object out, the gap it leaves says those objects do not exist
+    (section 9.16.3) and FETCH_OK says End Of Track; ValueError if given one."""
     _check_version(version)
     _check_object(obj, version, need_priority=True)
     w = Writer()

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
-from aioquic.asyncio import connect, serve
+from aioquic.asyncio import connect
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import AlertDescription
 
-from ..quic.link import Limits, QuicLink, configuration
+from ..quic.link import Limits, LinkServer, QuicLink, configuration, serve, size_socket_buffers
 from . import messages as m
 from .params import ALPN, LEGACY_ALPN, Version
-from .relay import Relay
+from .relay import Peer, Relay
 from .session import Closed, Event, MessageReceived, MoqtSession, Ready
 from .wire import ErrorCode
 
@@ -146,19 +147,29 @@ class SessionGlue:
             self.on_input()
 
 
+# the servers of each relay, for its metrics (moq/metrics.py)
+_SERVERS: weakref.WeakKeyDictionary[Relay, list[LinkServer]] = weakref.WeakKeyDictionary()
+
+
+def servers_of(relay: Relay) -> list[LinkServer]:
+    """The sockets serve_relay() opened for `relay` (closed ones included)."""
+    return _SERVERS.get(relay, [])
+
+
 async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
                       versions: tuple[Version, ...] = (Version.DRAFT_16, Version.DRAFT_14),
-                      limits: Limits | None = None, plaintext: bool = False, kernel: KernelPath | None = None):
-    """Accept MoQT sessions for `relay`; returns the aioquic server (close() to stop).
-    `plaintext` offers the insecure plaintext mode (used only with peers that offer it too);
-    `kernel` is the kernel data path, which sees every connection."""
+                      limits: Limits | None = None, plaintext: bool = False,
+                      kernel: KernelPath | None = None) -> LinkServer:
+    """Accept MoQT sessions for `relay`; returns the server (close() to stop; LinkServer says what
+    it does with junk). `plaintext` offers the insecure plaintext mode (used only with peers that
+    offer it too); `kernel` is the kernel data path, which sees every connection."""
     cfg = configuration(client=False, alpn=[ALPN_OF[v] for v in versions], cert=cert, key=key, limits=limits,
                         plaintext=plaintext)
 
     def factory(link: QuicLink) -> SessionGlue:
         def on_session(session: MoqtSession) -> Callable[[Event], None]:
             peer = relay.attach(session, f"{link.peer_address}")
-            glue.on_input = lambda: relay.pump(peer)  # acknowledgements may have opened the window
+            glue.on_input = lambda: _pump(relay, peer)  # acknowledgements may have opened the window
             return lambda ev: relay.on_event(peer, ev)
         glue = SessionGlue(link, client=False, on_session=on_session)
         if kernel is not None:
@@ -166,8 +177,19 @@ async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
             glue.on_raw = lambda sid, data, fin: kernel.upstream_data(link, sid, data, fin)
         return glue
 
-    return await serve(host, port, configuration=cfg,
-                       create_protocol=lambda *a, **k: QuicLink(*a, handler_factory=factory, **k))
+    server = await serve(host, port, cfg, lambda quic: QuicLink(quic, handler_factory=factory))
+    _SERVERS.setdefault(relay, []).append(server)
+    return server
+
+
+def _pump(relay: Relay, peer: Peer) -> None:
+    """relay.pump() after input, under the same guard as the relay's event handling: a failure
+    closes that session only (INTERNAL_ERROR), it never escapes into the socket's read loop."""
+    try:
+        relay.pump(peer)
+    except Exception as exc:
+        log.exception("session %s: internal error sending", peer.name)
+        peer.session.fail(ErrorCode.INTERNAL_ERROR, f"relay error: {exc}")
 
 
 class _ClientLink(QuicLink):
@@ -246,6 +268,7 @@ class MoqtClient:
         self._cm = connect(self.url.host, self.url.port, configuration=self._cfg, wait_connected=False,
                            create_protocol=lambda *a, **k: _ClientLink(*a, handler_factory=factory, **k))
         self.link = await self._cm.__aenter__()
+        size_socket_buffers(self.link.socket)
         self.link.transmit()  # the first Initial: without wait_connected, connect() leaves it to us
         failure = await self._connect_failure()
         if failure is not None:

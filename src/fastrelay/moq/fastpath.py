@@ -395,7 +395,9 @@ class MoqFastPath:
                 "dcid": self._dcid, "hcid": self._hcid, "dstream": self._dstream}
         counts = {name: len(_keys(m)) for name, m in maps.items()}
         counts["conns"] = sum(1 for slot in range(abi.FR_MOQ_MAX_CONNS) if self._conns.lookup(slot).gen)
-        counts["tracks"] = len(self.track_sets)
+        # read from the map (what the ingress program fans out to), not from track_sets: a set the
+        # Python side forgot but never wrote back would still be cloned to
+        counts["tracks"] = sum(1 for track in range(abi.FR_MOQ_MAX_TRACK_IDS) if self._tracks.lookup(track).count)
         return counts
 
     # ---- records and counters

@@ -1,14 +1,18 @@
 """Prometheus metrics of a MoQT relay, read from the relay's state at scrape time (no cost
-per object)."""
+per object), and of the sockets serve_relay() opened for it: what they ignored, and what the
+kernel dropped before they could read it."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..quic.link import udp_socket_drops
+from .endpoint import servers_of
 from .relay import Relay
 
 if TYPE_CHECKING:
@@ -16,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class RelayCollector(Collector):
-    """Exposes sessions, tracks, subscribers, objects/bytes in and out, cache hits and drops."""
+    """Exposes sessions, tracks, subscribers, objects/bytes in and out, cache hits and drops, and
+    what the relay's QUIC sockets ignored or lost."""
 
     def __init__(self, relay: Relay, kernel: KernelPath | None = None) -> None:
         self.relay = relay
@@ -42,6 +47,7 @@ class RelayCollector(Collector):
                                 value=sum(t.cache.bytes for t in tracks))
         yield CounterMetricFamily("fastrelay_moq_fast_objects", "objects the kernel data path delivered",
                                   value=st.fast_objects)
+        yield from self._endpoint()
         if self.kernel is None:
             return
         counters = self.kernel.fp.counters()
@@ -69,3 +75,27 @@ class RelayCollector(Collector):
             for addr, values in per_sub.items():
                 family.add_metric([addr], values[index])
             yield family
+
+    def _endpoint(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        servers = servers_of(self.relay)
+        ignored = CounterMetricFamily("fastrelay_quic_datagrams_ignored",
+                                      "datagrams no QUIC connection took (junk, unknown connection, limits), by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(sum((s.stats.ignored for s in servers), Counter()).items()):
+            ignored.add_metric([reason], n)
+        yield ignored
+        yield CounterMetricFamily("fastrelay_quic_retries_sent", "Retry packets sent (address validation)",
+                                  value=sum(s.stats.retries for s in servers))
+        yield CounterMetricFamily("fastrelay_quic_version_negotiations_sent", "Version Negotiation packets sent",
+                                  value=sum(s.stats.version_negotiations for s in servers))
+        yield GaugeMetricFamily("fastrelay_quic_half_open", "QUIC connections whose handshake has not completed",
+                                value=sum(len(s.half_open) for s in servers))
+        yield CounterMetricFamily("fastrelay_moq_dropped_writes",
+                                  "stream writes dropped: the peer stopped the stream (STOP_SENDING) or it was reset",
+                                  value=sum(s.stats.dropped_writes for s in servers))
+        live = [s for s in servers if not s.transport.is_closing()]
+        yield CounterMetricFamily("fastrelay_udp_receive_drops",
+                                  "datagrams the kernel dropped at the relay's UDP socket (receive buffer full)",
+                                  value=sum(udp_socket_drops(s.socket) or 0 for s in live))
+        yield GaugeMetricFamily("fastrelay_udp_receive_buffer_bytes", "receive buffer of the relay's UDP socket",
+                                value=sum(s.buffers.receive for s in live))

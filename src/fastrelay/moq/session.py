@@ -6,6 +6,13 @@ small event dataclasses. It never blocks and knows no sockets: the transport is 
 with open_stream/send/send_datagram/reset/stop/close (QuicLink, or an in-memory pair in
 tests), the way aioquic's H3Connection sits on a QuicConnection.
 
+Request IDs are granted as the peer's requests finish: the peer may have a bounded number of
+requests in progress (`limit_requests`), and MAX_REQUEST_ID is raised only as earlier ones
+end. The session sees every message that ends one (our REQUEST_ERROR, PUBLISH_DONE or
+UNSUBSCRIBE, the answer to a TRACK_STATUS or REQUEST_UPDATE, the end of a fetch stream, the
+peer's UNSUBSCRIBE, FETCH_CANCEL, PUBLISH_DONE, PUBLISH_NAMESPACE_DONE, UNSUBSCRIBE_NAMESPACE,
+the close of a request stream), so the application only has to answer and end requests.
+
 Any violation by the peer closes the session with the draft's error code and one log
 line; nothing else in the process is affected.
 """
@@ -41,7 +48,8 @@ log = logging.getLogger("fastrelay.moq")
 # requests that consume a Request ID (draft-16 section 9.1)
 NEW_REQUESTS = (m.Subscribe, m.Fetch, m.RequestUpdate, m.SubscribeNamespace, m.Publish, m.PublishNamespace,
                 m.TrackStatus)
-_KIND_CODE = {cls: i + 1 for i, cls in enumerate(NEW_REQUESTS)}  # one byte per request ID in the tables below
+_KIND_CODE = {cls: i + 1 for i, cls in enumerate(NEW_REQUESTS)}  # one byte per request ID in _Kinds
+KINDS_KEPT = 1 << 16  # request IDs per side whose kind a session remembers (bounded memory for a long session)
 _REQUEST_OF_KIND = {m.RequestKind.SUBSCRIBE: m.Subscribe, m.RequestKind.PUBLISH: m.Publish,
                     m.RequestKind.FETCH: m.Fetch, m.RequestKind.TRACK_STATUS: m.TrackStatus,
                     m.RequestKind.PUBLISH_NAMESPACE: m.PublishNamespace,
@@ -170,10 +178,12 @@ class SubgroupWriter:
 
 
 class FetchWriter:
-    """Writes one fetch stream: FETCH_HEADER, then objects in the response's order."""
+    """Writes one fetch stream: FETCH_HEADER, then objects in the response's order. Its end
+    (FIN or reset) ends the FETCH request."""
 
     def __init__(self, session: MoqtSession, request_id: int) -> None:
         self._s = session
+        self.request_id = request_id
         self.stream_id = session.transport.open_stream(unidirectional=True)
         self._prev: Object | None = None
         self.done = False
@@ -187,12 +197,14 @@ class FetchWriter:
         if not self.done:
             self._s.transport.send(self.stream_id, b"", fin=True)
             self.done = True
+            self._s._finish(self.request_id)
 
     def reset(self, code: int = STREAM_RESET_CANCELLED) -> None:
         """Abandon the stream (e.g. on FETCH_CANCEL), even in the middle of an object."""
         if not self.done:
             self._s.transport.reset(self.stream_id, code)
             self.done = True
+            self._s._finish(self.request_id)
 
 
 class MoqtSession:
@@ -201,6 +213,8 @@ class MoqtSession:
     def __init__(self, transport: Transport, *, client: bool, version: Version, on_event: Callable[[Event], None],
                  max_request_id: int = 128, setup: SetupParams | None = None,
                  max_object_size: int = 16 << 20) -> None:
+        """`max_request_id` is the MAX_REQUEST_ID of our SETUP; the peer may then have as many
+        requests in progress as it allows (64 by default), see limit_requests()."""
         self.transport = transport
         self.client = client
         self.version = Version(version)
@@ -217,13 +231,19 @@ class MoqtSession:
         # request IDs: ours are even for a client, odd for a server; the peer's the other parity
         self._next_request_id = 0 if client else 1
         self._peer_next_request_id = 1 if client else 0
-        self._window = max_request_id
         self._our_max = max_request_id          # what we allow the peer (MAX_REQUEST_ID sent)
+        self._max_open = max(0, (max_request_id - self._peer_next_request_id + 1) // 2)  # IDs below it
         self._peer_max = 0                      # what the peer allows us
-        # kind of every request sent (ours) and received (the peer's), indexed by request ID // 2:
-        # tells a reply to a request that never existed from one to a request that is over
-        self._our_kinds = bytearray()
-        self._peer_kinds = bytearray()
+        self._blocked_at: int | None = None     # the limit our REQUESTS_BLOCKED named
+        # the peer's requests in progress -> (kind, whether we answered it yet with an OK)
+        self._open: dict[int, tuple[type[m.Message], bool]] = {}
+        self._open_streams: dict[int, int] = {}  # request stream -> its request (draft-16 SUBSCRIBE_NAMESPACE)
+        # draft-14 ends PUBLISH_NAMESPACE / SUBSCRIBE_NAMESPACE by namespace: (kind, namespace) -> request
+        self._open_names: dict[tuple[type[m.Message], tuple[bytes, ...]], int] = {}
+        # kind of the requests sent (ours) and received (the peer's): tells a reply to a request
+        # that never existed from one to a request that is over
+        self._our_kinds = _Kinds()
+        self._peer_kinds = _Kinds()
         self.goaway_received: GoawayReceived | None = None
         self.goaway_sent = False
         self.peer_setup: SetupParams | None = None
@@ -237,6 +257,81 @@ class MoqtSession:
         params = _with_max_request_id(self._setup, self._our_max)
         versions = (Version.DRAFT_14,) if self.version == Version.DRAFT_14 else ()
         self._send_control(m.ClientSetup(versions, params))
+
+    # ---- request accounting
+    def limit_requests(self, count: int) -> None:
+        """Let the peer have at most `count` requests in progress; before SETUP this is also what
+        our first MAX_REQUEST_ID allows."""
+        if count < 0:
+            raise ValueError("a request limit cannot be negative")
+        self._max_open = count
+        if self.ready or (self.client and self.control_stream is not None):
+            self._grant()  # SETUP went out: a lower limit takes effect as requests finish
+        else:
+            self._our_max = self._peer_next_request_id + 2 * count
+
+    @property
+    def requests_in_progress(self) -> int:
+        """How many of the peer's requests are in progress (count against limit_requests())."""
+        return len(self._open)
+
+    def unanswered(self, request_id: int) -> bool:
+        """Whether the peer's request `request_id` is in progress and we have not answered it yet."""
+        return request_id in self._open and not self._open[request_id][1]
+
+    def peer_request(self, request_id: int) -> type[m.Message] | None:
+        """The kind of the peer's request `request_id` in progress (None if it is none)."""
+        return self._open[request_id][0] if request_id in self._open else None
+
+    def _is_peers(self, request_id: int) -> bool:
+        return request_id & 0x1 == (1 if self.client else 0)
+
+    def _finish(self, request_id: int) -> None:
+        """The peer's request `request_id` is over: its Request ID may be granted again."""
+        if self._open.pop(request_id, None) is None:
+            return
+        for key in [k for k, rid in self._open_names.items() if rid == request_id]:
+            del self._open_names[key]
+        self._grant()
+
+    def _grant(self) -> None:
+        """Raise MAX_REQUEST_ID as far as the requests in progress allow: once half the limit is
+        free (one message per many requests), or at once when the peer has no Request ID left."""
+        if not self.ready or self.closed:
+            return
+        unused = max(0, (self._our_max - self._peer_next_request_id + 1) // 2)  # IDs granted, not used yet
+        free = self._max_open - len(self._open) - unused
+        if free > 0 and (free >= max(1, self._max_open // 2) or unused == 0):
+            self._our_max = self._peer_next_request_id + 2 * (unused + free)
+            self._send_control(m.MaxRequestId(self._our_max))
+
+    def _answered(self, msg: m.Message) -> None:
+        """We are sending `msg`: note what it answers or ends of the peer's requests."""
+        rid = getattr(msg, "request_id", None)
+        if isinstance(msg, m.PublishNamespaceCancel) and rid is None:
+            rid = self._open_names.get((m.PublishNamespace, msg.track_namespace))
+        if rid is None or rid not in self._open:
+            return
+        if isinstance(msg, m.RequestError | m.PublishDone | m.Unsubscribe | m.PublishNamespaceCancel):
+            self._finish(rid)  # refused, or its subscription / PUBLISH / namespace ended by us
+        elif isinstance(msg, m.RequestOk) and self.peer_request(rid) in (m.TrackStatus, m.RequestUpdate):
+            self._finish(rid)  # the answer is all there is to these
+        elif isinstance(msg, m.SubscribeOk | m.FetchOk | m.PublishOk | m.RequestOk):
+            self._open[rid] = (self._open[rid][0], True)
+
+    def _ended_by_peer(self, msg: m.Message) -> None:
+        """The peer sent `msg`: note which of its own requests it ends."""
+        if isinstance(msg, m.Unsubscribe | m.FetchCancel | m.PublishDone):
+            rid: int | None = msg.request_id  # its SUBSCRIBE, FETCH or PUBLISH (a PUBLISH_DONE may be about ours)
+        elif isinstance(msg, m.PublishNamespaceDone):
+            rid = msg.request_id if msg.request_id is not None else self._open_names.get(
+                (m.PublishNamespace, msg.track_namespace))
+        elif isinstance(msg, m.UnsubscribeNamespace):
+            rid = self._open_names.get((m.SubscribeNamespace, msg.track_namespace_prefix))
+        else:
+            return
+        if rid is not None and self._is_peers(rid):
+            self._finish(rid)
 
     # ---- control out
     def _send_control(self, msg: m.Message) -> None:
@@ -259,6 +354,7 @@ class MoqtSession:
         if isinstance(msg, NEW_REQUESTS):
             self._new_request(msg)
         self._send_control(msg)
+        self._answered(msg)
 
     def goaway(self, new_uri: str = "") -> None:
         """Tell the peer this session ends soon (once per session); a server may name a new URI."""
@@ -277,7 +373,9 @@ class MoqtSession:
             raise ConnectionError("the peer sent GOAWAY: no new requests")
         rid = self._next_request_id
         if rid >= self._peer_max:
-            self._send_control(m.RequestsBlocked(self._peer_max))
+            if self._blocked_at != self._peer_max:  # once per limit (draft-16 section 9.6)
+                self._blocked_at = self._peer_max
+                self._send_control(m.RequestsBlocked(self._peer_max))
             raise ConnectionError(f"peer allows request IDs below {self._peer_max} only")
         self._next_request_id += 2
         return rid
@@ -297,12 +395,18 @@ class MoqtSession:
         return sid
 
     def send_on(self, stream_id: int, msg: m.Message, fin: bool = False) -> None:
-        """Send a message on a request stream."""
+        """Send a message on a request stream; `fin` ends the request it carries."""
         self.transport.send(stream_id, m.encode_message(msg, self.version), fin)
+        self._answered(msg)
+        if fin and stream_id in self._open_streams:
+            self._finish(self._open_streams.pop(stream_id))
 
     def end_request_stream(self, stream_id: int) -> None:
+        """Close our half of a request stream (FIN); for one the peer opened, that ends its request."""
         if self._requests.pop(stream_id, None) is not None:
             self.transport.send(stream_id, b"", fin=True)
+            if stream_id in self._open_streams:
+                self._finish(self._open_streams.pop(stream_id))
 
     def open_fetch(self, request_id: int) -> FetchWriter:
         return FetchWriter(self, request_id)
@@ -342,7 +446,14 @@ class MoqtSession:
         elif stream_id == self.control_stream:
             self.fail(ErrorCode.PROTOCOL_VIOLATION, "control stream reset")
         elif self._requests.pop(stream_id, None) is not None:
-            self._emit(RequestStreamClosed(stream_id))
+            self._requests_opened.discard(stream_id)
+            self._request_stream_ended(stream_id)
+
+    def _request_stream_ended(self, stream_id: int) -> None:
+        """The peer closed a request stream: the request it carried (if the peer's) is over."""
+        if stream_id in self._open_streams:
+            self._finish(self._open_streams.pop(stream_id))
+        self._emit(RequestStreamClosed(stream_id))
 
     def stop_sending(self, stream_id: int, code: int) -> None:
         """The peer no longer wants a stream we send on (e.g. it unsubscribed)."""
@@ -400,13 +511,14 @@ class MoqtSession:
                     raise violation(f"{type(msg).__name__} cannot open a request stream")
                 self._check_peer_request(msg)
                 self._requests_opened.add(stream_id)
+                self._open_streams[stream_id] = msg.request_id
             else:
                 self._check_reference(msg)
             self._emit(MessageReceived(msg, stream_id))
         if fin:
             self._requests.pop(stream_id, None)
             self._requests_opened.discard(stream_id)
-            self._emit(RequestStreamClosed(stream_id))
+            self._request_stream_ended(stream_id)
 
     def _on_control(self, msg: m.Message) -> None:
         if not self.ready:
@@ -425,6 +537,7 @@ class MoqtSession:
         if isinstance(msg, NEW_REQUESTS):
             self._check_peer_request(msg)
         self._check_reference(msg)
+        self._ended_by_peer(msg)
         self._emit(MessageReceived(msg))
 
     def _on_goaway(self, msg: m.Goaway) -> None:
@@ -461,7 +574,7 @@ class MoqtSession:
         rid = msg.request_id
         if rid & 0x1 != (0 if self.client else 1) or rid >= self._next_request_id:
             raise ValueError(f"request ID {rid} was not taken from next_request_id()")
-        _record(self._our_kinds, rid, type(msg))
+        self._our_kinds.record(rid, type(msg))
 
     def _check_reference(self, msg: m.Message) -> None:
         """A message naming a request (a reply, or one ending or updating it) must name one that
@@ -478,9 +591,11 @@ class MoqtSession:
             return
         mine = rid & 0x1 == (0 if self.client else 1)
         kinds, table = (ours, self._our_kinds) if mine else (theirs, self._peer_kinds)
-        code = table[rid >> 1] if rid >> 1 < len(table) else 0
-        if not code or NEW_REQUESTS[code - 1] not in kinds:
-            what = NEW_REQUESTS[code - 1].__name__ if code else "none"
+        if table.forgotten(rid):
+            return  # too old to check: taken as a race with its end
+        kind = table.kind(rid)
+        if kind not in kinds:
+            what = kind.__name__ if kind else "none"
             raise violation(f"{type(msg).__name__} for request {rid}, which is no {'/'.join(k.__name__ for k in kinds)}"
                             f" {'we sent' if mine else 'the peer sent'} (request kind: {what})")
 
@@ -492,10 +607,14 @@ class MoqtSession:
         if request_id >= self._our_max:
             raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, f"request ID {request_id} beyond {self._our_max}")
         self._peer_next_request_id += 2
-        _record(self._peer_kinds, request_id, type(msg))
-        if self._our_max - request_id <= self._window // 2:  # keep the window open
-            self._our_max += self._window
-            self._send_control(m.MaxRequestId(self._our_max))
+        self._peer_kinds.record(request_id, type(msg))
+        if not (isinstance(msg, m.RequestUpdate) and self.version == Version.DRAFT_14):  # no reply: over at once
+            self._open[request_id] = (type(msg), False)
+            if self.version == Version.DRAFT_14 and isinstance(msg, m.PublishNamespace):
+                self._open_names[(m.PublishNamespace, msg.track_namespace)] = request_id
+            elif self.version == Version.DRAFT_14 and isinstance(msg, m.SubscribeNamespace):
+                self._open_names[(m.SubscribeNamespace, msg.track_namespace_prefix)] = request_id
+        self._grant()
 
     def _data_stream(self, stream_id: int, data: bytes, fin: bool) -> None:
         if not self.ready:
@@ -525,11 +644,31 @@ class MoqtSession:
             self._emit(StreamEnded(stream_id, parser.header, None))
 
 
-def _record(table: bytearray, request_id: int, kind: type[m.Message]) -> None:
-    index = request_id >> 1
-    if index >= len(table):
-        table.extend(bytes(index + 1 - len(table)))
-    table[index] = _KIND_CODE[kind]
+class _Kinds:
+    """The kind of each request ID of one side (one byte each), for its latest KINDS_KEPT
+    requests: older ones are forgotten, so a long session does not grow without bound."""
+
+    def __init__(self) -> None:
+        self._base = 0  # request ID // 2 of codes[0]
+        self._codes = bytearray()
+
+    def record(self, request_id: int, kind: type[m.Message]) -> None:
+        index = (request_id >> 1) - self._base
+        if index >= len(self._codes):
+            self._codes.extend(bytes(index + 1 - len(self._codes)))
+        self._codes[index] = _KIND_CODE[kind]
+        if len(self._codes) >= 2 * KINDS_KEPT:
+            del self._codes[:KINDS_KEPT]
+            self._base += KINDS_KEPT
+
+    def forgotten(self, request_id: int) -> bool:
+        return request_id >> 1 < self._base
+
+    def kind(self, request_id: int) -> type[m.Message] | None:
+        """The request's kind; None if no such request was recorded."""
+        index = (request_id >> 1) - self._base
+        code = self._codes[index] if 0 <= index < len(self._codes) else 0
+        return NEW_REQUESTS[code - 1] if code else None
 
 
 def _with_max_request_id(params: SetupParams, max_request_id: int) -> SetupParams:

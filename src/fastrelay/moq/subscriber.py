@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..media import loc
+from ..media.h264 import is_synthetic_payload, verify_synthetic_payload
 from ..media.writer import AnnexBWriter
 from . import messages as m
 from .data import FetchHeader
 from .endpoint import CONNECT_TIMEOUT_S, MoqtClient
-from .params import MessageParams, Version
+from .params import FilterType, MessageParams, SubscriptionFilter, Version
 from .session import Closed, GoawayReceived, MessageReceived, ObjectReceived, StreamEnded
 
 log = logging.getLogger("fastrelay.subscribe")
@@ -44,6 +45,7 @@ class SubscribeResult:
     gaps: int = 0
     lost: int = 0  # objects known to be missing (LossLedger)
     duplicates: int = 0
+    verified: int = 0  # payloads that passed verification
     bad: int = 0  # payloads that failed verification
     first_group: int | None = None
     last_group: int | None = None
@@ -57,7 +59,7 @@ class SubscribeResult:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         return {"objects": self.objects, "bytes": self.bytes, "frames_written": self.written, "gaps": self.gaps,
-                "lost": self.lost, "duplicates": self.duplicates, "bad": self.bad,
+                "lost": self.lost, "duplicates": self.duplicates, "verified": self.verified, "bad": self.bad,
                 "first_group": self.first_group, "last_group": self.last_group,
                 "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99),
                 "latency_mean_ms": round(statistics.fmean(lat), 3) if lat else None, "ended": self.ended}
@@ -223,8 +225,10 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                     plaintext: bool = False, verify_cert: bool = False, cafile: str | None = None,
                     connect_timeout: float = CONNECT_TIMEOUT_S) -> SubscribeResult:
     """Subscribe and receive until PUBLISH_DONE, GOAWAY, the session ends, or `duration` seconds pass.
-    `verify` checks payloads; the relay's certificate is checked only with `verify_cert` or
-    `cafile`; ConnectFailed if no session comes up (see MoqtClient)."""
+    `verify(group, object, payload)` checks payloads; without it, a track whose objects are
+    synthetic (`fastrelay publish --source synthetic`) is verified from its first such object
+    on, every later object included. The relay's certificate is checked only with `verify_cert`
+    or `cafile`; ConnectFailed if no session comes up (see MoqtClient)."""
     result = SubscribeResult()
     writer = AnnexBWriter(out) if out else None
     seen: set[tuple[int, int]] = set()
@@ -238,7 +242,9 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
     ledger = LossLedger()
     async with MoqtClient(url, version, plaintext=plaintext, verify=verify_cert, cafile=cafile,
                           connect_timeout=connect_timeout) as client:
-        reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, MessageParams(forward=True)))
+        # from the largest object on: the only filter a joining FETCH may follow (drafts 14 and 16)
+        live = MessageParams(forward=True, subscription_filter=SubscriptionFilter(FilterType.LARGEST_OBJECT))
+        reply = await client.request(lambda rid: m.Subscribe(rid, namespace, track, live))
         if isinstance(reply, m.RequestError):
             raise ConnectionError(f"SUBSCRIBE refused: {reply.error_reason or reply.error_code}")
         alias = reply.track_alias
@@ -288,9 +294,13 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
                 result.last_group = max(obj.group_id, result.last_group or 0)
                 result.first_group = min(obj.group_id, obj.group_id if result.first_group is None
                                          else result.first_group)
-                if verify is not None and not verify(obj.group_id, obj.object_id,
-                                                     loc.unpackage(obj.extensions, obj.payload, codec="raw").data):
-                    result.bad += 1
+                data = loc.unpackage(obj.extensions, obj.payload, codec="raw").data
+                if verify is None and is_synthetic_payload(data):
+                    verify = verify_synthetic_payload
+                if verify is not None:
+                    ok = verify(obj.group_id, obj.object_id, data)
+                    result.verified += ok
+                    result.bad += not ok
                 now_us = time.time_ns() // 1000
                 frame = loc.unpackage(obj.extensions, obj.payload, codec=codec, group_id=obj.group_id,
                                       object_id=obj.object_id)
@@ -321,6 +331,7 @@ async def subscribe(url: str, namespace: tuple[bytes, ...], track: bytes, *, ver
     if writer is not None:
         writer.close()
     summary = result.summary()
-    log.info("%d objects, lost %d, gaps %d, latency p50 %s ms p99 %s ms; ended: %s", result.objects, result.lost,
-             result.gaps, summary["latency_p50_ms"], summary["latency_p99_ms"], result.ended)
+    log.info("%d objects (%d verified, %d bad), lost %d, gaps %d, latency p50 %s ms p99 %s ms; ended: %s",
+             result.objects, result.verified, result.bad, result.lost, result.gaps, summary["latency_p50_ms"],
+             summary["latency_p99_ms"], result.ended)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aioquic import tls
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import decode_packet_number
@@ -365,3 +366,23 @@ def stream_acked(quic: QuicConnection, stream_id: int) -> bool:
     """Everything sent on a send stream (FIN included) was acknowledged, or it was reset."""
     sender = _send_stream(quic, stream_id).sender
     return sender.is_finished or sender._reset_error_code is not None
+
+
+# ---- writes a peer may have made impossible, and a server's routing of connection ids
+
+def send_stream_closed(quic: QuicConnection, stream_id: int) -> bool:
+    """Nothing more can be written on a stream this endpoint sends on: it was reset (by us, or by
+    aioquic on the peer's STOP_SENDING), or, finished or reset, aioquic already discarded it."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return quic._stream_is_discarded(stream_id)
+    return stream.sender._reset_error_code is not None
+
+
+def route_connection(protocol: QuicConnectionProtocol, *, issued: Callable[[bytes], None],
+                     retired: Callable[[bytes], None], terminated: Callable[[], None]) -> None:
+    """Have an aioquic connection protocol report the connection ids it issues and retires, and its
+    end, to its server (what aioquic's own QuicServer registers)."""
+    protocol._connection_id_issued_handler = issued
+    protocol._connection_id_retired_handler = retired
+    protocol._connection_terminated_handler = terminated
