@@ -184,3 +184,25 @@ def test_a_fault_telling_a_namespace_subscriber_ends_its_namespace_subscription_
     ends = [e for e in wev if isinstance(e, RequestStreamClosed) and e.stream_id == sid]
     assert len(ends) == 1 and w.session.closed is None and not relay.peers[id(w.peer.session)].ns_subs
     assert w.peer.session.requests_in_progress == 0 and len(errors(caplog)) == 1
+
+
+@VERSIONS
+def test_a_subgroup_stream_the_subscriber_stopped_ends_that_subgroup_for_it_alone(version):
+    """STOP_SENDING on one subgroup stream: nothing more of that subgroup is queued or written
+    for that subscriber (counted as dropped); its next subgroups, and the other subscriber, go on."""
+    relay = Relay()
+    pub, s, ev = live_track(relay, version, groups=0)
+    other, other_ev = connect(relay, version, "other")
+    other.session.send(m.Subscribe(other.session.next_request_id(), NS, TRACK))
+    pub.answer_subscribes()
+    pub.write(0, 0)
+    (stream,) = {e.stream_id for e in ev if isinstance(e, ObjectReceived)}
+    dropped = relay.stats.dropped_objects
+    s.peer.session.stop_sending(stream, 0x1)            # what the transport reports for the stopping peer
+    pub.write(0, 1)
+    pub.write(0, 2, fin=True)
+    pub.write(1, 0, fin=True)
+    assert [(g, o) for g, o, _ in objects(ev)] == [(0, 0), (1, 0)]
+    assert [(g, o) for g, o, _ in objects(other_ev)] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert relay.stats.dropped_objects == dropped + 2
+    assert not s.closed_with and not any(isinstance(e, Closed) for e in ev)

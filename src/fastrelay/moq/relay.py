@@ -78,6 +78,7 @@ from .session import (
     Ready,
     RequestStreamClosed,
     StreamEnded,
+    StreamStopped,
     SubgroupWriter,
 )
 from .wire import ErrorCode, Location, render_name
@@ -283,6 +284,8 @@ class Relay:
                 self._stream_ended(peer, ev)
         elif isinstance(ev, MessageReceived):
             self._message(peer, ev.message, ev.stream_id)
+        elif isinstance(ev, StreamStopped):
+            self._stream_stopped(peer, ev.stream_id)
         elif isinstance(ev, RequestStreamClosed):
             peer.ns_subs = {p: s for p, s in peer.ns_subs.items() if s.stream_id != ev.stream_id}
         elif isinstance(ev, GoawayReceived):
@@ -703,6 +706,26 @@ class Relay:
         ds = sub.downstream.pop(msg.request_id, None)
         if ds is not None:  # else it ended already (PUBLISH_DONE crossed the UNSUBSCRIBE)
             self._drop_downstream(ds)
+
+    def _stream_stopped(self, peer: Peer, stream_id: int) -> None:
+        """The subscriber stopped one of its subgroup or fetch streams (STOP_SENDING; the transport
+        reset it): that subgroup, or that FETCH response, ends for this subscriber alone, and
+        nothing more of it is queued or written."""
+        for ds in peer.downstream.values():
+            key = next((k for k, w in ds.writers.items() if w.stream_id == stream_id), None)
+            if key is not None:
+                del ds.writers[key]
+                ds.queued.pop(key, None)
+                ds.abandoned.add(key)
+                for _ in range(self._purge(peer, lambda it, ds=ds, key=key: it[2] is ds and it[4] == key)):
+                    self._drop(ds)
+                log.info("%s stopped subgroup %s of %s", peer.name, key, ds.track.label)
+                return
+        rid = next((r for r, fs in peer.fetches.items() if fs.writer.stream_id == stream_id), None)
+        if rid is not None:
+            fs = peer.fetches.pop(rid)
+            self._purge(peer, lambda it: it[2] is fs)
+            log.info("%s stopped the response to FETCH %d", peer.name, rid)
 
     def _on_FetchCancel(self, peer: Peer, msg: m.FetchCancel) -> None:
         """Stop a FETCH response in progress: what is queued goes, the stream is reset."""

@@ -125,6 +125,15 @@ class StreamEnded:
 
 
 @dataclass(frozen=True)
+class StreamStopped:
+    """The peer sent STOP_SENDING for a data stream this side writes: it wants no more of it
+    (the transport has reset the stream; writes to it are dropped)."""
+
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True)
 class GoawayReceived:
     """The peer sent GOAWAY: it will close the session soon; no new requests may be sent to it.
     `new_uri` is where to reconnect ("" = the current URI)."""
@@ -139,7 +148,8 @@ class Closed:
     by_peer: bool
 
 
-Event = Ready | MessageReceived | RequestStreamClosed | ObjectReceived | StreamEnded | GoawayReceived | Closed
+Event = (Ready | MessageReceived | RequestStreamClosed | ObjectReceived | StreamEnded | StreamStopped | GoawayReceived
+         | Closed)
 
 
 class SubgroupWriter:
@@ -459,6 +469,8 @@ class MoqtSession:
         """The peer no longer wants a stream we send on (e.g. it unsubscribed)."""
         if stream_id == self.control_stream:
             self.fail(ErrorCode.PROTOCOL_VIOLATION, "control stream stopped")
+        elif not self.closed:
+            self._emit(StreamStopped(stream_id, code))
 
     def terminated(self, code: int, reason: str) -> None:
         if not self.closed:
