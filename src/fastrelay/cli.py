@@ -293,7 +293,7 @@ def _publish(args: argparse.Namespace) -> int:
     else:
         source = H264Source(args.source, duration=args.duration, realtime=True)
     result = _run_client(args, publish(args.url, _namespace(args.namespace), args.track.encode(), source,
-                                       wait_subscriber=args.wait, **_client_options(args)))
+                                       wait_subscriber=args.wait, announce=args.announce, **_client_options(args)))
     if isinstance(result, int):
         return result
     print(json.dumps(result.__dict__))
@@ -435,6 +435,11 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--gop", type=int, default=30, help="frames per group (keyframe interval)")
             c.add_argument("--object-size", type=int, default=1200, help="synthetic source: bytes per object")
             c.add_argument("--wait", type=float, default=None, help="wait this long for a subscriber first")
+            c.add_argument("--announce", choices=("namespace", "publish"), default="namespace",
+                           help="publish: PUBLISH_NAMESPACE, then PUBLISH for the track, so subscribers that know"
+                                " only the namespace are offered it (falls back to the relay's SUBSCRIBE if the"
+                                " relay refuses it); namespace: PUBLISH_NAMESPACE only, wait for the relay's"
+                                " SUBSCRIBE (default %(default)s)")
             c.add_argument("--tag", action="store_true",
                            help="synthetic source: each object starts with the lab probes' tag (delay benchmarks)")
         else:

@@ -8,6 +8,9 @@ checks from the subscriber's own record which objects were delivered:
 * C: fastrelay relay   <- aiomoqt pub_example  -> fastrelay subscriber
 * D: fastrelay relay   <- fastrelay publish    -> aiomoqt sub_example
 * E: C and A with objects as datagrams
+* F: fastrelay relay   <- fastrelay publish --announce publish -> aiomoqt sub_example knowing only the namespace
+* G: F without --announce publish, with a fastrelay subscriber subscribing to the track by name
+* H: fastrelay relay   <- aiomoqt pub_example  -> aiomoqt sub_example knowing only the namespace
 
 each with draft-16 (ALPN moqt-16) and draft-14 (ALPN moq-00, version in CLIENT_SETUP).
 Relays are pinned to the draft under test, and the relay's log must show that draft
@@ -215,12 +218,12 @@ def start_aiomoqt_pub(run: Run, url: str, track: str, draft: str, *extra: str) -
     return pub
 
 
-def start_fastrelay_pub(run: Run, url: str, track: str, draft: str, relay: Proc, announced: str) -> Proc:
+def start_fastrelay_pub(run: Run, url: str, track: str, draft: str, relay: Proc, announced: str, *extra: str) -> Proc:
     """Our synthetic publisher, PUB_SECONDS of objects once the relay subscribes (--wait): the
     first subscriber gets them all, and its summary says how many it sent."""
     pub = run.start("fastrelay-pub", [PY, "-m", "fastrelay", "publish", url, "-N", NAMESPACE, "-T", track,
                                       "--draft", draft, "--source", "synthetic", "--fps", str(RATE),
-                                      "--gop", str(GROUP_SIZE), "--duration", str(PUB_SECONDS), "--wait", "10"])
+                                      "--gop", str(GROUP_SIZE), "--duration", str(PUB_SECONDS), "--wait", "10", *extra])
     relay.wait_for(announced, run.logs)  # the relay accepted the PUBLISH_NAMESPACE
     return pub
 
@@ -346,3 +349,102 @@ def test_e_datagrams_through_the_fastrelay_relay(run: Run, draft: str) -> None:
     start_aiomoqt_pub(run, url, track, draft, "--datagram")
     assert_window_complete(run_aiomoqt_sub(run, url, track, draft, synthetic=False), run.logs)
     assert_window_complete(run_recording_sub(run, url, track, draft), run.logs)
+
+
+# ---- F, G, H: SUBSCRIBE_NAMESPACE: aiomoqt's subscriber knows only the namespace ----------
+#
+# aiomoqt's sub_example without -T discovers its track (aiomoqt/track.py SubscribedTrack.subscribe:
+# SUBSCRIBE_NAMESPACE for the prefix, options PUBLISH on draft-16, then PUBLISH_OK (Forward 1,
+# filter Largest Object) to the first PUBLISH and the objects of its alias); it runs unchanged,
+# recorded like AIOMOQT_SUB. It waits for the PUBLISH before it counts its -t seconds, and it
+# ends when the relay's PUBLISH_DONE arrives.
+
+def start_aiomoqt_namespace_sub(run: Run, url: str, draft: str, *, synthetic: bool, seconds: int) -> Proc:
+    """aiomoqt's sub_example subscribed to the namespace NAMESPACE only: returns once the relay
+    answered its SUBSCRIBE_NAMESPACE (the example then says it waits for a publisher)."""
+    sub = run.start("aiomoqt-ns-sub", [PY, "-c", AIOMOQT_SUB, "--synthetic" if synthetic else "--any", url,
+                                       "-N", NAMESPACE, "-k", "--draft", draft, "-t", str(seconds)])
+    sub.wait_for(rf"Waiting for publisher on '{NAMESPACE}'", run.logs)
+    return sub
+
+
+def namespace_sub_received(run: Run, sub: Proc, track: str, timeout: float) -> list[tuple[int, int, bool | None]]:
+    """What the namespace subscriber received, once it exited; it must have learnt `track` from
+    the relay's PUBLISH (the example prints the name it discovered)."""
+    received = [tuple(r) for r in sub.last_json(timeout)["received"]]
+    assert f"Discovered: {NAMESPACE}/{track}" in sub.output(), run.logs()
+    total = re.search(r"Total: ([\d,]+) objects", sub.output())
+    assert (int(total[1].replace(",", "")) if total else 0) == len(received), run.logs()
+    return received
+
+
+def ended_by_publish_done(sub: Proc) -> bool:
+    """aiomoqt logged the relay's PUBLISH_DONE with TRACK_ENDED (its name for it: SubscribeDone)."""
+    return re.search(r"SubscribeDone\(request_id=\d+, status_code=2,", sub.output()) is not None
+
+
+def assert_whole_from_first(received: list[tuple[int, int, bool | None]], sent: int, logs: Callable[[], str]) -> None:
+    """A namespace subscriber offered our publisher's track as it went live: every object from
+    its first (in the first group) to the publisher's last, once, each payload verified."""
+    assert received and len(set(received)) == len(received), received
+    assert received[0][0] == 0, f"first object {received[0][:2]}: not offered the track as it went live\n" + logs()
+    missing = missing_in_window(received, last_sent=divmod(sent - 1, GROUP_SIZE))
+    assert not missing, f"{sent} sent, first received {received[0][:2]}, lost {missing}\n" + logs()
+    assert all(ok for *_, ok in received), [r for r in received if not r[2]]
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_f_namespace_aiomoqt_sub_learns_a_fastrelay_pub_track(run: Run, draft: str) -> None:
+    """Issue 10 as asked: aiomoqt's subscriber knows only the namespace; `fastrelay publish`
+    starts after its SUBSCRIBE_NAMESPACE, and nobody subscribes by name. It must learn the track
+    from a PUBLISH and receive it to the end.
+
+    `fastrelay publish --announce publish` sends PUBLISH for its track (with PUBLISH_NAMESPACE
+    alone nobody would ever name the track). G is the same without the flag and with a
+    subscriber by name added."""
+    relay, url = start_fastrelay_relay(run, draft)
+    track = f"f-{draft}"
+    sub = start_aiomoqt_namespace_sub(run, url, draft, synthetic=True, seconds=PUB_SECONDS + 5)
+    pub = start_fastrelay_pub(run, url, track, draft, relay, r"publishes namespace interop",
+                              "--announce", "publish")
+    sub.wait_for(rf"Discovered: {NAMESPACE}/{track}", run.logs)
+    received = namespace_sub_received(run, sub, track, PUB_SECONDS + 20)
+    sent = pub.last_json(15)["objects"]
+    assert fastrelay_negotiated(relay, draft) == 2, run.logs()
+    assert_whole_from_first(received, sent, run.logs)
+    assert ended_by_publish_done(sub), run.logs()
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_g_namespace_aiomoqt_sub_learns_a_fastrelay_pub_track_once_subscribed(run: Run, draft: str) -> None:
+    """As F, with our subscriber subscribing to the track by name: the track goes live at the
+    relay, which sends aiomoqt's namespace subscriber a PUBLISH for it. aiomoqt learns the
+    track name, gets every object from its first (first group) to the publisher's last, each
+    payload verified, and ends on the relay's PUBLISH_DONE (TRACK_ENDED); our subscriber got
+    every object too."""
+    relay, url = start_fastrelay_relay(run, draft)
+    track = f"g-{draft}"
+    sub = start_aiomoqt_namespace_sub(run, url, draft, synthetic=True, seconds=PUB_SECONDS + 5)
+    pub = start_fastrelay_pub(run, url, track, draft, relay, r"publishes namespace interop")
+    ours = run.start("fastrelay-sub", received_argv(url, NAMESPACE, track, PUB_SECONDS + 5, draft=draft))
+    received = namespace_sub_received(run, sub, track, PUB_SECONDS + 20)
+    sent = pub.last_json(15)["objects"]
+    summary = ours.last_json(PUB_SECONDS + 20)
+    assert fastrelay_negotiated(relay, draft) == 3, run.logs()
+    assert_whole_from_first(received, sent, run.logs)
+    assert ended_by_publish_done(sub), run.logs()
+    assert (summary["objects"], summary["verified"], summary["duplicates"]) == (sent, sent, 0), summary
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_h_namespace_aiomoqt_sub_learns_an_aiomoqt_pub_track(run: Run, draft: str) -> None:
+    """aiomoqt's publisher announces its track with PUBLISH after aiomoqt's subscriber subscribed
+    to the namespace: through our relay the subscriber learns the track and receives every object
+    of its window."""
+    relay, url = start_fastrelay_relay(run, draft)
+    track = f"h-{draft}"
+    sub = start_aiomoqt_namespace_sub(run, url, draft, synthetic=False, seconds=SUB_SECONDS)
+    start_aiomoqt_pub(run, url, track, draft)
+    received = namespace_sub_received(run, sub, track, SUB_SECONDS + 20)
+    assert fastrelay_negotiated(relay, draft) == 2, run.logs()
+    assert_window_complete(received, run.logs)

@@ -163,5 +163,5 @@ def test_an_undeclared_map_needs_its_mirrors():
 
 def test_a_loaded_object_keeps_what_each_program_cost_the_verifier(root):
     with BpfObject.load("moq_fastpath") as obj:
-        assert set(obj.verified_insns) == {"fr_moq_ingress", "fr_moq_egress", "fr_moq_take"}
+        assert set(obj.verified_insns) == {"fr_moq_ingress", "fr_moq_egress", "fr_moq_take", "fr_moq_recover"}
         assert all(0 < n < 200_000 for n in obj.verified_insns.values())

@@ -16,7 +16,7 @@ from fastrelay.kernel.features import kernel_version
 ALL_PROGRAMS = {
     "lab_dropper": {"fr_lab_drop"},
     "lab_probe": {"fr_probe_tx", "fr_probe_rx"},
-    "moq_fastpath": {"fr_moq_ingress", "fr_moq_egress", "fr_moq_take"},
+    "moq_fastpath": {"fr_moq_ingress", "fr_moq_egress", "fr_moq_take", "fr_moq_recover"},
     "udp_fanout": {"fr_udp_fanout"},
 }
 

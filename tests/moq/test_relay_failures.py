@@ -206,3 +206,40 @@ def test_a_subgroup_stream_the_subscriber_stopped_ends_that_subgroup_for_it_alon
     assert [(g, o) for g, o, _ in objects(other_ev)] == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert relay.stats.dropped_objects == dropped + 2
     assert not s.closed_with and not any(isinstance(e, Closed) for e in ev)
+
+
+@VERSIONS
+def test_a_track_refused_by_one_publisher_of_its_namespace_is_asked_of_the_next(version):
+    """Two publishers announce one namespace with different tracks: a SUBSCRIBE the first
+    refuses goes to the second, and the subscriber gets its objects (draft-16: relays send
+    SUBSCRIBE to all matching publishers)."""
+    relay = Relay()
+    video, audio = Publisher(relay, version), Publisher(relay, version)
+    s, ev = connect(relay, version, "s")
+    rid = s.session.next_request_id()
+    s.session.send(m.Subscribe(rid, NS, TRACK))
+    (asked,) = messages(video.events, m.Subscribe) + messages(audio.events, m.Subscribe)
+    first, second = (video, audio) if messages(video.events, m.Subscribe) else (audio, video)
+    first.events.clear()
+    first.pipe.session.send(m.RequestError(asked.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0, "unknown track",
+                                           m.RequestKind.SUBSCRIBE))
+    assert not messages(ev, m.RequestError)
+    assert second.answer_subscribes() == 1
+    second.write(0, 0, fin=True)
+    assert [(g, o) for g, o, _ in objects(ev)] == [(0, 0)]
+    assert messages(ev, m.SubscribeOk)
+
+
+@VERSIONS
+def test_a_track_every_publisher_refuses_is_refused_with_the_last_answer(version):
+    relay = Relay()
+    pubs = [Publisher(relay, version), Publisher(relay, version)]
+    s, ev = connect(relay, version, "s")
+    s.session.send(m.Subscribe(s.session.next_request_id(), NS, TRACK))
+    for _ in pubs:
+        (pub, asked), = [(p, msg) for p in pubs for msg in messages(p.events, m.Subscribe)]
+        pub.events.clear()
+        pub.pipe.session.send(m.RequestError(asked.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0, "unknown track",
+                                             m.RequestKind.SUBSCRIBE))
+    (err,) = messages(ev, m.RequestError)
+    assert err.error_code == m.RequestErrorCode.DOES_NOT_EXIST and err.error_reason == "unknown track"

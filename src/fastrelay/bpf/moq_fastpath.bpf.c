@@ -17,6 +17,9 @@
  * (moq/renumber.h).
  *
  * fr_moq_take (syscall): userspace's atomic changes to the shared counters.
+ *
+ * fr_moq_recover (syscall): RFC 9002 loss recovery and NewReno of a connection (moq/recovery.h):
+ * a packet sent, an ACK, the loss detection timer; lost ranges and the next timer come back.
  */
 #include "moq/maps.h"
 #include "moq/parse.h"
@@ -25,6 +28,7 @@
 #include "moq/ack.h"
 #include "moq/build.h"
 #include "moq/renumber.h"
+#include "moq/recovery.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -39,6 +43,12 @@ FR_EXPORT_BTF(enum fr_moq_counter, moq_counter);
 FR_EXPORT_BTF(enum fr_moq_take_op, moq_take_op);
 FR_EXPORT_BTF(enum fr_moq_dstream_state, moq_dstream_state);
 FR_EXPORT_BTF(enum fr_moq_ustream_kind, moq_ustream_kind);
+FR_EXPORT_BTF(enum fr_moq_lr_op, moq_lr_op);
+FR_EXPORT_BTF(enum fr_moq_lr_status, moq_lr_status);
+FR_EXPORT_BTF(enum fr_moq_lr_flags, moq_lr_flags);
+FR_EXPORT_BTF(enum fr_moq_pkt_flags, moq_pkt_flags);
+FR_EXPORT_BTF(enum fr_moq_pkt_state, moq_pkt_state);
+FR_EXPORT_BTF(struct fr_moq_recover_args, moq_recover_args);
 
 SEC("tc")
 int fr_moq_ingress(struct __sk_buff *skb)
@@ -162,4 +172,26 @@ int fr_moq_take(struct fr_moq_take_args *a)
 		return 0;
 	}
 	return -1;
+}
+
+/* ---------------------------------------------------------------- loss recovery */
+SEC("syscall")
+int fr_moq_recover(struct fr_moq_recover_args *a)
+{
+	struct fr_moq_recover_args *io;
+	__u32 slot = a->slot;
+	int ret;
+
+	io = bpf_map_lookup_elem(&fr_moq_rec_io, &slot);
+	if (!io) {
+		a->status = FR_MOQ_LR_E_SLOT;
+		return FR_MOQ_LR_E_SLOT;
+	}
+	/* the stages work on the slot's copy: a syscall program's context cannot be passed on */
+	__builtin_memcpy(io, a, offsetof(struct fr_moq_recover_args, status));
+	ret = lr_run(slot, io->op);
+	io->status = ret;
+	__builtin_memcpy(&a->status, &io->status,
+			 sizeof(*a) - offsetof(struct fr_moq_recover_args, status));
+	return ret;
 }

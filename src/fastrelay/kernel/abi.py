@@ -95,6 +95,10 @@ FR_MOQ_MAX_ACK_RANGES = 16
 FR_MOQ_MAX_SUBS = 256
 FR_MOQ_MAX_CONNS = 4096
 FR_MOQ_MAX_TRACK_IDS = 4096
+FR_MOQ_MAX_RECOVERY_CONNS = 256
+FR_MOQ_SENT_SLOTS = 1024
+FR_MOQ_RTT_SAMPLES = 5
+FR_MOQ_LR_MAX_RANGES = 16
 s64 = ctypes.c_int64
 
 
@@ -270,4 +274,83 @@ class MoqAck(ctypes.Structure):
         ("ack_delay", u64),
         ("time_ns", u64),
         ("ranges", MoqAckRange * FR_MOQ_MAX_ACK_RANGES),
+    ]
+
+
+# ---------------------------------------------------------------- kernel loss recovery
+class MoqRecovery(ctypes.Structure):
+    _fields_ = [
+        ("gen", u32),
+        ("pto_count", u32),
+        ("base", u64),
+        ("sent_end", u64),
+        ("largest_acked", u64),
+        ("loss_time", u64),
+        ("time_of_last_ack_eliciting", u64),
+        ("ack_eliciting_in_flight", u64),
+        ("bytes_in_flight", u64),
+        ("srtt", u64),
+        ("rttvar", u64),
+        ("min_rtt", u64),
+        ("latest_rtt", u64),
+        ("first_sample_time", u64),
+        ("rtt_initialized", u64),
+        ("cwnd", u64),
+        ("ssthresh", u64),
+        ("recovery_start", u64),
+        ("stash", u64),
+        ("max_datagram_size", u64),
+        ("max_ack_delay", u64),
+        ("initial_rtt", u64),
+        ("mon_samples", u64 * 8),
+        ("mon_sample_time", u64),
+        ("mon_sample_min", u64),
+        ("mon_sample_max", u64),
+        ("mon_filtered_min", u64),
+        ("mon_idx", u32),
+        ("mon_increases", u32),
+        ("mon_ready", u32),
+        ("pad", u32),
+        ("acked_total", u64),
+        ("lost_total", u64),
+        ("expired_total", u64),
+    ]
+
+
+class MoqSentPkt(ctypes.Structure):
+    _fields_ = [("pn", u64), ("sent_time", u64), ("gen", u32), ("bytes", u16), ("flags", u8), ("state", u8)]
+
+
+class MoqSentTable(ctypes.Structure):
+    _fields_ = [("pkts", MoqSentPkt * FR_MOQ_SENT_SLOTS)]
+
+
+class MoqRecoverArgs(ctypes.Structure):
+    _fields_ = [
+        ("slot", u32),
+        ("gen", u32),
+        ("op", u32),
+        ("flags", u32),
+        ("pn", u64),
+        ("time_ns", u64),
+        ("bytes", u32),
+        ("nranges", u32),
+        ("ack_delay_ns", u64),
+        ("initial_rtt_ns", u64),
+        ("ranges", MoqAckRange * FR_MOQ_MAX_ACK_RANGES),
+        ("status", ctypes.c_int32),
+        ("out_flags", u32),
+        ("acked", u32),
+        ("lost", u32),
+        ("expired", u32),
+        ("nacked_ranges", u32),
+        ("nlost_ranges", u32),
+        ("pad", u32),
+        ("timer_ns", u64),
+        ("base", u64),
+        ("cwnd", u64),
+        ("bytes_in_flight", u64),
+        ("srtt", u64),
+        ("acked_ranges", MoqAckRange * FR_MOQ_LR_MAX_RANGES),
+        ("lost_ranges", MoqAckRange * FR_MOQ_LR_MAX_RANGES),
     ]

@@ -5,6 +5,17 @@ One Group per GOP, one Object per frame, packaged per LOC. A keyframe travels in
 priority, so a congested relay can drop dependent frames first and still deliver
 decodable keyframes. Frames produced while nobody is subscribed are not sent (live). When
 the relay sends GOAWAY, publishing stops: PUBLISH_DONE (GOING_AWAY) and a normal close.
+
+How the track is announced (`announce`): "namespace" (default) sends PUBLISH_NAMESPACE only and
+answers the relay's SUBSCRIBE for the track. "publish" sends PUBLISH for the track as well, once
+PUBLISH_NAMESPACE is accepted (Forward 0: nothing is sent before the relay's PUBLISH_OK), so a
+relay can offer the track to subscribers that know only the namespace; objects go out while
+the relay's Forward State is 1 (PUBLISH_OK, then any REQUEST_UPDATE). A relay that refuses the
+PUBLISH (REQUEST_ERROR, e.g. moq-dev's) or never answers it is served as with "namespace".
+`wait_subscriber` waits for Forward State 1: fastrelay's relay answers PUBLISH_OK with Forward
+1 at once, so there the source starts before anyone subscribes (why "publish" is not the
+default); aiomoqt's relay answers Forward 0 until a subscriber comes. Each subscription (our
+PUBLISH's, a SUBSCRIBE's) has its own Track Alias and streams.
 """
 
 from __future__ import annotations
@@ -13,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from ..media import loc
 from ..media.h264 import Frame, FrameSource, Gop
@@ -28,7 +40,8 @@ log = logging.getLogger("fastrelay.publish")
 
 KEYFRAME_PRIORITY = 0x10  # lower value = more important
 DEPENDENT_PRIORITY = 0x80
-TRACK_ALIAS = 1
+TRACK_ALIAS = 1  # the first subscription's (the PUBLISH's, when it is sent)
+ANNOUNCE_MODES = ("publish", "namespace")
 DRAIN_TIMEOUT_S = 5.0  # at the end, how long to wait for what was sent to be acknowledged
 
 
@@ -39,16 +52,23 @@ class PublishResult:
     groups: int = 0
     subscribed: bool = False
     ended: str = ""  # "source ended", or "goaway" (the relay is going away)
+    published: str = ""  # the PUBLISH: "" (not sent), "pending", "accepted" or "refused"
 
 
 async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: FrameSource, *,
                   version: Version = Version.DRAFT_16, wait_subscriber: float | None = None,
                   plaintext: bool = False, verify_cert: bool = False, cafile: str | None = None,
-                  connect_timeout: float = CONNECT_TIMEOUT_S) -> PublishResult:
+                  connect_timeout: float = CONNECT_TIMEOUT_S,
+                  announce: Literal["publish", "namespace"] = "namespace") -> PublishResult:
     """Publish `source` as (namespace, track) through the relay at `url` until the source ends or
     the relay sends GOAWAY; either way PUBLISH_DONE goes out and the session closes normally.
+    `announce` "publish" also sends PUBLISH for the track, "namespace" only PUBLISH_NAMESPACE
+    (the relay must SUBSCRIBE); see the module docstring. `wait_subscriber` waits (seconds) for
+    a subscription with Forward State 1 before the source starts.
     The relay's certificate is checked only with `verify_cert` or `cafile`; ConnectFailed if no
     session comes up (see MoqtClient)."""
+    if announce not in ANNOUNCE_MODES:
+        raise ValueError(f"announce must be one of {ANNOUNCE_MODES}, not {announce!r}")
     result = PublishResult()
     async with MoqtClient(url, version, plaintext=plaintext, verify=verify_cert, cafile=cafile,
                           connect_timeout=connect_timeout) as client:
@@ -57,6 +77,8 @@ async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: 
             raise ConnectionError(f"PUBLISH_NAMESPACE refused: {reply.error_reason or reply.error_code}")
         state = _Publisher(client, namespace, track, version)
         events = asyncio.create_task(state.serve(client))
+        if announce == "publish":
+            state.send_publish()
         sending: asyncio.Task | None = None
         try:
             if wait_subscriber and not await _first(state.subscribed, state.going_away, timeout=wait_subscriber):
@@ -76,7 +98,8 @@ async def publish(url: str, namespace: tuple[bytes, ...], track: bytes, source: 
             if sending is not None:
                 sending.cancel()
             source.close()
-        result.subscribed = state.request_id is not None
+        result.subscribed = bool(state.subs)
+        result.published = state.published
         await _drained(client, DRAIN_TIMEOUT_S)  # the last objects and PUBLISH_DONE leave before the close
     return result
 
@@ -119,21 +142,51 @@ async def _drained(client: MoqtClient, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
+@dataclass
+class _Subscription:
+    """One subscription to our track: the relay's SUBSCRIBE, or our accepted PUBLISH."""
+
+    request_id: int
+    alias: int
+    forward: bool
+    writers: dict[int, SubgroupWriter] = field(default_factory=dict)
+    streams: int = 0
+    group: int | None = None  # the group its open streams belong to
+
+    def end_group(self) -> None:
+        for w in self.writers.values():
+            w.finish()
+        self.writers.clear()
+        self.group = None
+
+
 class _Publisher:
     def __init__(self, client: MoqtClient, namespace: tuple[bytes, ...], track: bytes, version: Version) -> None:
         self.client = client
         self.namespace = namespace
         self.track = track
         self.version = version
-        self.request_id: int | None = None
-        self.subscribed = asyncio.Event()
+        self.subs: dict[int, _Subscription] = {}  # request ID (the relay's SUBSCRIBE, our PUBLISH) ->
+        self.subscribed = asyncio.Event()  # some subscription has Forward State 1
         self.going_away = asyncio.Event()  # the relay sent GOAWAY
-        self.writers: dict[int, SubgroupWriter] = {}
         self.largest: Location | None = None
-        self.streams = 0
+        self.publish_id: int | None = None  # our PUBLISH's request ID, while it is unanswered or accepted
+        self.published = ""  # "" (no PUBLISH), "pending", "accepted", "refused"
+        self._aliases = iter(range(TRACK_ALIAS, 1 << 62))
+
+    def send_publish(self) -> None:
+        """PUBLISH the track (Forward 0: objects wait for the relay's Forward State 1)."""
+        session = self.client.session
+        self.publish_id = session.next_request_id()
+        self._publish_alias = next(self._aliases)
+        session.send(m.Publish(self.publish_id, self.namespace, self.track, self._publish_alias,
+                               MessageParams(largest_object=self.largest, forward=False)))
+        self.published = "pending"
+        log.info("PUBLISH sent for the track (request %d, alias %d)", self.publish_id, self._publish_alias)
 
     async def serve(self, client: MoqtClient) -> None:
-        """Answer the relay's SUBSCRIBE / UNSUBSCRIBE for our track; notice its GOAWAY."""
+        """Answer the relay's SUBSCRIBE / UNSUBSCRIBE for our track and its answer to our PUBLISH
+        (PUBLISH_OK, REQUEST_ERROR, REQUEST_UPDATE, PUBLISH_DONE); notice its GOAWAY."""
         while True:
             ev = await client.events.get()
             if isinstance(ev, GoawayReceived):
@@ -148,41 +201,84 @@ class _Publisher:
                     client.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
                                                        "unknown track", m.RequestKind.SUBSCRIBE))
                     continue
-                self.request_id = msg.request_id
-                client.session.send(m.SubscribeOk(msg.request_id, TRACK_ALIAS,
+                sub = _Subscription(msg.request_id, next(self._aliases), msg.params.forward is not False)
+                self.subs[msg.request_id] = sub
+                client.session.send(m.SubscribeOk(msg.request_id, sub.alias,
                                                   MessageParams(largest_object=self.largest)))
-                self.subscribed.set()
                 log.info("subscribed by the relay (request %d)", msg.request_id)
-            elif isinstance(msg, m.Unsubscribe) and msg.request_id == self.request_id:
-                self.request_id = None
-                self.subscribed.clear()
-                self.end_group()
+            elif isinstance(msg, m.PublishOk) and msg.request_id == self.publish_id:
+                forward = msg.params.forward is not False
+                self.subs[msg.request_id] = _Subscription(msg.request_id, self._publish_alias, forward)
+                self.published = "accepted"
+                log.info("relay accepted the PUBLISH (request %d), forward %d", msg.request_id, forward)
+            elif isinstance(msg, m.RequestError) and msg.request_id == self.publish_id:
+                self.publish_id, self.published = None, "refused"
+                log.info("relay refused the PUBLISH (%s%s): waiting for its SUBSCRIBE", msg.error_code,
+                         f": {msg.error_reason}" if msg.error_reason else "")
+            elif isinstance(msg, m.RequestUpdate):
+                self._update(msg)
+            elif isinstance(msg, m.Unsubscribe | m.PublishDone) and msg.request_id in self.subs:
+                # UNSUBSCRIBE ends a SUBSCRIBE's or (draft-16) our PUBLISH's subscription;
+                # PUBLISH_DONE from the relay (a subscriber's role) ends our PUBLISH's
+                if msg.request_id == self.publish_id:
+                    self.publish_id = None
+                self.subs.pop(msg.request_id).end_group()
+            self._forwarding_changed()
+
+    def _update(self, msg: m.RequestUpdate) -> None:
+        """REQUEST_UPDATE (draft-14 SUBSCRIBE_UPDATE) of one of our subscriptions: its Forward State."""
+        sub = self.subs.get(msg.existing_request_id)
+        if sub is None:
+            if self.version == Version.DRAFT_16 and not self.client.closed:
+                self.client.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0,
+                                                        "no such subscription", m.RequestKind.REQUEST_UPDATE))
+            return
+        if msg.params.forward is not None and msg.params.forward != sub.forward:
+            sub.forward = msg.params.forward
+            if not sub.forward:
+                sub.end_group()
+            log.info("relay set forward %d (request %d)", sub.forward, sub.request_id)
+        if self.version == Version.DRAFT_16 and not self.client.closed:
+            self.client.session.send(m.RequestOk(msg.request_id, MessageParams(largest_object=self.largest),
+                                                 request_kind=m.RequestKind.REQUEST_UPDATE))
+
+    def _forwarding_changed(self) -> None:
+        if any(s.forward for s in self.subs.values()):
+            self.subscribed.set()
+        else:
+            self.subscribed.clear()
 
     def end_group(self) -> None:
-        for w in self.writers.values():
-            w.finish()
-        self.writers.clear()
+        for sub in self.subs.values():
+            sub.end_group()
 
     def send(self, frame: Frame) -> bool:
-        if self.request_id is None:
+        targets = [s for s in self.subs.values() if s.forward]
+        if not targets:
             return False
         extensions, payload = loc.package(frame, send_time_us=time.time_ns() // 1000)
         subgroup = 0 if frame.keyframe else 1
         priority = KEYFRAME_PRIORITY if frame.keyframe else DEPENDENT_PRIORITY
-        writer = self.writers.get(subgroup)
-        if writer is None:
-            header = subgroup_header_for(TRACK_ALIAS, frame.group_id, subgroup, frame.object_id,
-                                         publisher_priority=priority, version=self.version,
-                                         extensions=bool(extensions))
-            writer = self.writers[subgroup] = self.client.session.open_subgroup(header)
-            self.streams += 1
-        writer.write(Object(frame.group_id, subgroup, frame.object_id, priority, extensions=list(extensions),
-                            payload=payload))
+        for sub in targets:
+            if sub.group is not None and sub.group != frame.group_id:
+                sub.end_group()  # it resumed forwarding (or began) mid-group
+            writer = sub.writers.get(subgroup)
+            if writer is None:
+                header = subgroup_header_for(sub.alias, frame.group_id, subgroup, frame.object_id,
+                                             publisher_priority=priority, version=self.version,
+                                             extensions=bool(extensions))
+                writer = sub.writers[subgroup] = self.client.session.open_subgroup(header)
+                sub.streams += 1
+                sub.group = frame.group_id
+            writer.write(Object(frame.group_id, subgroup, frame.object_id, priority, extensions=list(extensions),
+                                payload=payload))
         self.largest = Location(frame.group_id, frame.object_id)
         return True
 
     def finish(self, code: m.PublishDoneCode) -> None:
-        """End the open groups and, if subscribed, send PUBLISH_DONE with `code`."""
+        """End the open groups and send PUBLISH_DONE with `code` for each subscription."""
         self.end_group()
-        if self.request_id is not None and not self.client.closed:
-            self.client.session.send(m.PublishDone(self.request_id, code, self.streams))
+        if self.client.closed:
+            return
+        for sub in self.subs.values():
+            self.client.session.send(m.PublishDone(sub.request_id, code, sub.streams))

@@ -174,6 +174,7 @@ class Downstream:
     # (group, subgroup) -> (priority of its last item in the queue, items of it in the queue, FIN included)
     queued: dict[tuple[int, int], tuple[tuple, int]] = field(default_factory=dict)
     group: int = -1  # newest group started for this subscriber
+    skipped_below: int = -1  # it fell behind and skipped to this group: older subgroups never start
     objects: int = 0
     fast_objects: int = 0  # of its objects, those the fast path delivered
     dropped: int = 0
@@ -213,6 +214,7 @@ class Track:
     objects_in: int = 0
     streams_ended: int = 0  # upstream subgroup streams finished or reset
     done: m.PublishDone | None = None  # the publisher's PUBLISH_DONE, applied once its streams have ended
+    refused_by: set[Peer] = field(default_factory=set)  # publishers of the namespace that refused the SUBSCRIBE
 
     @property
     def label(self) -> str:
@@ -604,22 +606,13 @@ class Relay:
             return
         track = self.tracks.get(key)
         if track is None:
-            publisher = self._publisher_for(msg.track_namespace)
-            reason = "no publisher for this namespace"
-            if publisher is not None:
-                try:
-                    rid = publisher.session.next_request_id()
-                except ConnectionError as exc:  # it sent GOAWAY, or allows no more requests now
-                    publisher, reason = None, f"publisher cannot take a request: {exc}"
-            if publisher is None:
+            candidates = self._publishers_for(msg.track_namespace)
+            track = self._new_track(key, candidates[0]) if candidates else None
+            reason = self._subscribe_upstream(track) if track is not None else "no publisher for this namespace"
+            if reason is not None:
                 sub.session.send(m.RequestError(msg.request_id, m.RequestErrorCode.DOES_NOT_EXIST, 0, reason,
                                                 m.RequestKind.SUBSCRIBE))
                 return
-            track = self._new_track(key, publisher)
-            track.upstream_request_id = rid
-            publisher.requests[rid] = track
-            publisher.session.send(m.Subscribe(rid, msg.track_namespace, msg.track_name,
-                                               MessageParams(forward=True)))
         f = msg.params.subscription_filter
         ds = Downstream(sub, msg.request_id, next(sub.aliases), track, params=msg.params,
                         joinable=f is not None and f.filter_type == FilterType.LARGEST_OBJECT)
@@ -660,6 +653,10 @@ class Relay:
             if refused is not None:  # a draft-14 namespace subscriber declined a namespace we named
                 del peer.announced[refused]
             return
+        if not track.live:
+            track.refused_by.add(peer)
+            if self._subscribe_upstream(track) is None:
+                return  # another publisher of the namespace may have the track
         for ds in list(track.subscribers):
             ds.peer.session.send(m.RequestError(ds.request_id, msg.error_code, msg.retry_interval, msg.error_reason,
                                                 m.RequestKind.SUBSCRIBE))
@@ -756,16 +753,36 @@ class Relay:
         self.tracks[key] = track
         return track
 
-    def _publisher_for(self, ns: Namespace) -> Peer | None:
-        """The publisher of the longest registered namespace that is a prefix of `ns`."""
-        best: tuple[int, Peer] | None = None
+    def _publishers_for(self, ns: Namespace) -> list[Peer]:
+        """The publishers of a registered namespace that is a prefix of `ns`, the longest match
+        first (they may publish different tracks of one namespace)."""
+        found: list[tuple[int, Peer]] = []
         for peer in self.peers.values():
             if not peer.session.accepts_requests:
                 continue
-            for pns in peer.namespaces:
-                if ns[: len(pns)] == pns and (best is None or len(pns) > best[0]):
-                    best = (len(pns), peer)
-        return best[1] if best else None
+            longest = max((len(pns) for pns in peer.namespaces if ns[: len(pns)] == pns), default=0)
+            if longest:
+                found.append((longest, peer))
+        return [peer for _, peer in sorted(found, key=lambda f: -f[0])]
+
+    def _subscribe_upstream(self, track: Track) -> str | None:
+        """SUBSCRIBE the track from the next matching publisher it was not refused by yet; None
+        once asked, else why none could be asked. One publisher at a time: the first that
+        accepts publishes the track (the others may publish other tracks of the namespace)."""
+        reason = "no publisher for this namespace"
+        for publisher in self._publishers_for(track.namespace):
+            if publisher in track.refused_by:
+                continue
+            try:
+                rid = publisher.session.next_request_id()
+            except ConnectionError as exc:  # it sent GOAWAY, or allows no more requests now
+                reason = f"publisher cannot take a request: {exc}"
+                continue
+            track.publisher, track.upstream_request_id = publisher, rid
+            publisher.requests[rid] = track
+            publisher.session.send(m.Subscribe(rid, track.namespace, track.name, MessageParams(forward=True)))
+            return None
+        return reason
 
     def _establish(self, track: Track) -> None:
         """The track is live upstream: answer the subscriptions waiting for it, offer it to
@@ -1201,11 +1218,14 @@ class Relay:
                     ds.abandoned.add(old)
                 for _ in range(self._purge(peer, lambda it: it[2] is ds and it[4] in older)):
                     self._drop(ds)
+                ds.skipped_below = obj.group_id
                 log.info("%s is %d bytes behind on %s: skipped to group %d", peer.name, backlog,
                          ds.track.label, obj.group_id)
             ds.group = obj.group_id
             self._forget_older(ds)
-        if key in ds.abandoned or (obj.group_id < ds.group and key not in ds.writers and key not in ds.sent
+        # A subgroup of an older group may start after a newer group did (QUIC does not order
+        # streams): it is delivered, unless the subscriber skipped past its group.
+        if key in ds.abandoned or (obj.group_id < ds.skipped_below and key not in ds.writers
                                    and key not in ds.queued):
             return self._drop(ds)
         if backlog > 4 * self.max_backlog:
@@ -1222,11 +1242,16 @@ class Relay:
     @staticmethod
     def _forget_older(ds: Downstream) -> None:
         """The subscriber moved to a new group: what it remembers of older subgroups that are
-        neither open nor queued goes (their late objects are dropped either way), so its state
-        stays as small as the subgroups in flight."""
+        neither open nor queued goes (they are over), so its state stays as small as the
+        subgroups in flight."""
         live = {*ds.writers, *ds.queued}
         ds.sent = {k: v for k, v in ds.sent.items() if k[0] >= ds.group or k in live}
-        ds.abandoned = {k for k in ds.abandoned if k[0] >= ds.group}
+        # An abandoned subgroup must not start again mid-way on a late object. Rather than
+        # remember every one, a subscriber that abandons subgroups (it is behind) starts nothing
+        # older than the previous group any more.
+        if any(k[0] < ds.group - 1 for k in ds.abandoned):
+            ds.skipped_below = max(ds.skipped_below, ds.group - 1)
+        ds.abandoned = {k for k in ds.abandoned if k[0] >= ds.skipped_below}
 
     def _drop(self, ds: Downstream) -> bool:
         ds.dropped += 1

@@ -171,6 +171,10 @@ enum fr_moq_limits {
 	FR_MOQ_MAX_CONNS = 4096,       /* downstream connection slots */
 	FR_MOQ_MAX_TRACK_IDS = 4096,   /* track ids (relay-wide) */
 	FR_MOQ_STREAM_RESERVE = 16,    /* stream credit kept for protected (high-priority) subgroups */
+	FR_MOQ_MAX_RECOVERY_CONNS = 256, /* connections whose loss recovery runs in the kernel (fr_moq_rec*) */
+	FR_MOQ_SENT_SLOTS = 1024,      /* sent packets tracked per such connection; power of two (pn & mask) */
+	FR_MOQ_RTT_SAMPLES = 5,        /* HyStart RTT monitor window (aioquic's QuicRttMonitor) */
+	FR_MOQ_LR_MAX_RANGES = 16,     /* acked / lost ranges one fr_moq_recover call reports */
 };
 
 struct fr_moq_cid {
@@ -412,6 +416,138 @@ struct fr_moq_ack {
 	__u64 ack_delay;               /* ACK Delay field as sent (unscaled) */
 	__u64 time_ns;                 /* arrival */
 	struct fr_moq_ack_range ranges[FR_MOQ_MAX_ACK_RANGES];
+};
+
+/* ---------------------------------------------------------------- kernel loss recovery
+ * RFC 9002 1-RTT loss recovery and NewReno, as aioquic's QuicPacketRecovery with "reno" (see
+ * moq/recovery.h), per recovery slot (< FR_MOQ_MAX_RECOVERY_CONNS). Times in ns
+ * (CLOCK_MONOTONIC), 0 = none unless said otherwise. Memory: fr_moq_rec 256 x 304 B (76 KiB),
+ * fr_moq_rec_sent 256 x 24 KiB (6 MiB), fr_moq_rec_io 256 x 896 B (224 KiB). A connection has at
+ * most FR_MOQ_SENT_SLOTS packets outstanding (1.2 MB at 1200 bytes: 100 Mbit/s at 100 ms RTT);
+ * a SENT beyond is refused (FR_MOQ_LR_E_FULL) and the sender must wait.
+ */
+/* fr_moq_rec[slot] */
+struct fr_moq_recovery {
+	__u32 gen;                   /* owner generation (0 = unused): every call names it */
+	__u32 pto_count;
+	__u64 base;                  /* no packet below this number is outstanding */
+	__u64 sent_end;              /* 1 + largest number registered (pns < base + FR_MOQ_SENT_SLOTS) */
+	__u64 largest_acked;         /* aioquic's space.largest_acked_packet (starts at 0) */
+	__u64 loss_time;             /* time-threshold loss timer, 0 = none */
+	__u64 time_of_last_ack_eliciting;
+	__u64 ack_eliciting_in_flight;
+	__u64 bytes_in_flight;
+	__u64 srtt;
+	__u64 rttvar;
+	__u64 min_rtt;               /* ~0 until the first sample */
+	__u64 latest_rtt;
+	__u64 first_sample_time;
+	__u64 rtt_initialized;
+	__u64 cwnd;
+	__u64 ssthresh;              /* 0 = none (slow start) */
+	__u64 recovery_start;        /* congestion recovery period start */
+	__u64 stash;                 /* congestion avoidance byte stash */
+	__u64 max_datagram_size;
+	__u64 max_ack_delay;
+	__u64 initial_rtt;
+	__u64 mon_samples[8];        /* HyStart RTT monitor (QuicRttMonitor): the first FR_MOQ_RTT_SAMPLES */
+	__u64 mon_sample_time;
+	__u64 mon_sample_min;
+	__u64 mon_sample_max;
+	__u64 mon_filtered_min;      /* ~0 = none */
+	__u32 mon_idx;
+	__u32 mon_increases;
+	__u32 mon_ready;
+	__u32 pad;
+	__u64 acked_total;           /* packets acknowledged, declared lost, expired by a PTO */
+	__u64 lost_total;
+	__u64 expired_total;
+};
+
+enum fr_moq_pkt_flags {
+	FR_MOQ_PKT_ACK_ELICITING = 1,
+	FR_MOQ_PKT_IN_FLIGHT = 2,
+	FR_MOQ_PKT_KERNEL = 4,       /* built by the kernel (its frames are in a SENT record) */
+};
+
+enum fr_moq_pkt_state {
+	FR_MOQ_PKT_FREE = 0,
+	FR_MOQ_PKT_OUTSTANDING,
+	FR_MOQ_PKT_ACKED,
+	FR_MOQ_PKT_LOST,
+	FR_MOQ_PKT_EXPIRED,          /* given up by a PTO for a probe (no congestion event) */
+};
+
+/* One sent packet; valid only while gen is the slot's and state OUTSTANDING. */
+struct fr_moq_sent_pkt {
+	__u64 pn;
+	__u64 sent_time;
+	__u32 gen;
+	__u16 bytes;
+	__u8 flags;                  /* enum fr_moq_pkt_flags */
+	__u8 state;                  /* enum fr_moq_pkt_state */
+};
+
+/* fr_moq_rec_sent[slot]: packet pn at pkts[pn & (FR_MOQ_SENT_SLOTS - 1)] */
+struct fr_moq_sent_table {
+	struct fr_moq_sent_pkt pkts[FR_MOQ_SENT_SLOTS];
+};
+
+enum fr_moq_lr_op {
+	FR_MOQ_LR_INIT = 0,          /* gen, pn = first number, bytes = max datagram size,
+	                              * ack_delay_ns = max_ack_delay, initial_rtt_ns */
+	FR_MOQ_LR_SENT,              /* pn, time_ns, bytes, flags */
+	FR_MOQ_LR_ACK,               /* ranges (highest first, disjoint), ack_delay_ns, time_ns = now */
+	FR_MOQ_LR_TIMEOUT,           /* time_ns = now: the loss detection timer fired */
+};
+
+enum fr_moq_lr_status {
+	FR_MOQ_LR_OK = 0,
+	FR_MOQ_LR_E_SLOT,            /* no such slot, or another generation owns it */
+	FR_MOQ_LR_E_ARGS,            /* malformed ranges, an ACK of a number never sent, bad INIT values */
+	FR_MOQ_LR_E_FULL,            /* pn >= base + FR_MOQ_SENT_SLOTS: not registered */
+	FR_MOQ_LR_E_PN,              /* pn below base or already outstanding */
+};
+
+enum fr_moq_lr_flags {
+	FR_MOQ_LR_RTT_SAMPLE = 1,    /* the ACK gave an RTT sample */
+	FR_MOQ_LR_CONGESTION = 2,    /* a new congestion event (window halved) */
+	FR_MOQ_LR_PERSISTENT = 4,    /* persistent congestion: window collapsed */
+	FR_MOQ_LR_TRUNCATED = 8,     /* more lost runs than lost_ranges holds (cannot happen: <= 4) */
+};
+
+/* fr_moq_recover argument (SEC("syscall")); results are written back into it. Ranges out are
+ * ascending. acked_ranges: every packet outstanding before the call in a range is now acked;
+ * lost_ranges: every packet still outstanding after those in a range is now lost (or, with
+ * `expired`, given up for a probe). Packets below `base` not reported lost were acknowledged. */
+struct fr_moq_recover_args {
+	__u32 slot;
+	__u32 gen;
+	__u32 op;                    /* enum fr_moq_lr_op */
+	__u32 flags;                 /* SENT: enum fr_moq_pkt_flags */
+	__u64 pn;
+	__u64 time_ns;
+	__u32 bytes;
+	__u32 nranges;
+	__u64 ack_delay_ns;
+	__u64 initial_rtt_ns;
+	struct fr_moq_ack_range ranges[FR_MOQ_MAX_ACK_RANGES];
+	/* results */
+	__s32 status;                /* enum fr_moq_lr_status */
+	__u32 out_flags;             /* enum fr_moq_lr_flags */
+	__u32 acked;                 /* packets newly acknowledged */
+	__u32 lost;                  /* packets declared lost (congestion signal) */
+	__u32 expired;               /* packets given up by a PTO (no congestion signal) */
+	__u32 nacked_ranges;
+	__u32 nlost_ranges;
+	__u32 pad;
+	__u64 timer_ns;              /* loss detection timer afterwards, 0 = none */
+	__u64 base;                  /* state afterwards */
+	__u64 cwnd;
+	__u64 bytes_in_flight;
+	__u64 srtt;
+	struct fr_moq_ack_range acked_ranges[FR_MOQ_LR_MAX_RANGES];
+	struct fr_moq_ack_range lost_ranges[FR_MOQ_LR_MAX_RANGES];
 };
 
 enum fr_moq_counter {
