@@ -42,19 +42,16 @@ moq-dev is a third-party peer: `.venv/bin/pip install moq-rs==0.5.1 moq-ffi==0.4
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
-import re
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fastrelay.quic.tls import self_signed
+
+from .procs import Proc, Run, free_port
 
 PEER_VERSIONS = {"moq-rs": "0.5.1", "moq-ffi": "0.4.18"}
 NAMESPACE = "interop"
@@ -80,97 +77,13 @@ def moq_dev_installed() -> None:
             pytest.fail(f"{name} {installed} installed, these tests target {version} ({pins})")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A child process whose stdout and stderr go to NAME.out and NAME.err in the test's tmp_path."""
-
-    def __init__(self, name: str, argv: list[str], tmp_path: Path) -> None:
-        self.name, self.argv = name, argv
-        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def output(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in (self.out_path, self.err_path))
-
-    def wait_for(self, pattern: str, timeout: float = 10.0) -> bool:
-        """True once `pattern` (regex) is in the output; False if it exits or `timeout` passes first."""
-        deadline, rx = time.monotonic() + timeout, re.compile(pattern)
-        while time.monotonic() < deadline:
-            exited = self.proc.poll() is not None  # before reading: what it printed before exiting counts
-            if rx.search(self.output()):
-                return True
-            if exited:
-                return False
-            time.sleep(0.05)
-        return False
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
-
-    def tail(self, lines: int = 25) -> str:
-        text = self.output().splitlines()[-lines:]
-        return f"--- {self.name} (rc={self.proc.poll()}): {' '.join(self.argv[1:])}\n" + "\n".join(text)
-
-
-class Run:
-    """The children of one test, all stopped at its end."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: list[str]) -> Proc:
-        self.procs.append(Proc(name, argv, self.tmp_path))
-        return self.procs[-1]
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
-
-    def logs(self) -> str:
-        return "\n".join(p.tail() for p in self.procs)
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
-    r = Run(tmp_path)
-    try:
-        yield r
-    finally:
-        r.stop_all()
-
-
-def last_json(proc: Proc, timeout: float) -> dict:
-    """The last JSON line a program printed on stdout once it exits."""
-    proc.wait(timeout)
-    lines = [line for line in proc.out_path.read_text().splitlines() if line.startswith("{")]
-    assert lines, f"{proc.name} printed no summary\n{proc.tail()}"
-    return json.loads(lines[-1])
-
-
 # ---- the programs -------------------------------------------------------------------
 
 def start_fastrelay_relay(run: Run, draft: str) -> tuple[Proc, str]:
     url = f"moqt://127.0.0.1:{free_port()}"
     relay = run.start("fastrelay-relay", [PY, "-m", "fastrelay", "relay", url, "--drafts", draft,
                                           "--state-dir", str(run.tmp_path / "state")])
-    assert relay.wait_for(r"MoQT relay on"), run.logs()
+    relay.wait_for(r"MoQT relay on", run.logs)
     return relay, url
 
 
@@ -184,7 +97,7 @@ def start_moq_dev_relay(run: Run) -> tuple[Proc, str]:
     port = free_port()
     relay = run.start("moq-dev-relay", [PY, PEER, "relay", f"127.0.0.1:{port}", "--cert", str(tls / "cert.pem"),
                                         "--key", str(tls / "key.pem")])
-    assert relay.wait_for(r'"listening"'), run.logs()
+    relay.wait_for(r'"listening"', run.logs)
     return relay, f"moqt://127.0.0.1:{port}"
 
 
@@ -198,14 +111,14 @@ def start_fastrelay_pub(run: Run, url: str, track: str, draft: str, relay: Proc)
     pub = run.start("fastrelay-pub", [PY, "-m", "fastrelay", "-v", "publish", url, "-N", NAMESPACE, "-T", track,
                                       "--draft", draft, "--source", "synthetic", "--gop", str(GOP),
                                       "--object-size", "1000", "--duration", "60"])
-    assert relay.wait_for(announced(relay)), run.logs()
+    relay.wait_for(announced(relay), run.logs)
     return pub
 
 
 def start_moq_dev_pub(run: Run, url: str, track: str, relay: Proc) -> Proc:
     pub = run.start("moq-dev-pub", [PY, PEER, "publish", url, "-N", NAMESPACE, "-T", track, "--gop", str(GOP),
                                     "--seconds", "60"])
-    assert relay.wait_for(announced(relay)), run.logs()
+    relay.wait_for(announced(relay), run.logs)
     return pub
 
 
@@ -223,7 +136,7 @@ def first_and_late(start: Callable[[str, float], Proc]) -> list[tuple[Proc, dict
     first = start("first-sub", SUB_SECONDS + LATE_S)
     time.sleep(LATE_S)
     late = start("late-sub", SUB_SECONDS)
-    return [(p, last_json(p, SUB_SECONDS + LATE_S + 20)) for p in (first, late)]
+    return [(p, p.last_json(SUB_SECONDS + LATE_S + 20)) for p in (first, late)]
 
 
 def fastrelay_negotiated(relay: Proc, draft: str) -> int:
@@ -319,8 +232,8 @@ def test_draft14_moq_dev_relay_is_refused_by_fastrelay_clients(run: Run) -> None
 @pytest.mark.parametrize("role", ["publish", "subscribe"])
 def test_draft14_moq_dev_clients_are_refused_by_the_fastrelay_relay(run: Run, role: str) -> None:
     relay, url = start_fastrelay_relay(run, "14")
-    result = last_json(run.start(f"moq-dev-{role}", [PY, PEER, role, url, "-N", NAMESPACE, "-T", "e",
-                                                    "--seconds", "5"]), 20)
+    result = run.start(f"moq-dev-{role}", [PY, PEER, role, url, "-N", NAMESPACE, "-T", "e",
+                                          "--seconds", "5"]).last_json(20)
     assert fastrelay_negotiated(relay, "14") == 1, run.logs()
     assert EMPTY_PREFIX_CLOSE in relay.output(), run.logs()
     assert result["closed"] == MOQ_DEV_CLOSED, f"{result}\n" + run.logs()
