@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager
 
 import pytest
 
 from fastrelay.media.h264 import SyntheticSource
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import MoqtClient, serve_relay
+from fastrelay.moq.endpoint import MoqtClient
 from fastrelay.moq.params import MessageParams
 from fastrelay.moq.publisher import publish
 from fastrelay.moq.relay import Relay
-from fastrelay.quic.tls import self_signed
 
-from .test_quic_e2e import NS, TRACK, announced, free_port, relay_server
+from .test_quic_e2e import NS, TRACK, announced, relay_server
 
 
 async def _publish_done(client: MoqtClient) -> m.PublishDone:
@@ -78,20 +76,6 @@ def test_a_source_that_ends_sends_publish_done_track_ended(tmp_path):
 
 # ---- announce="publish": PUBLISH after PUBLISH_NAMESPACE ------------------------------------
 
-@asynccontextmanager
-async def scripted_relay(tmp_path, relay: Relay):
-    """relay_server() with a Relay of the test's making."""
-    cert, key = self_signed(["127.0.0.1"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
-    port = free_port()
-    server = await serve_relay(relay, "127.0.0.1", port, str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
-    try:
-        yield relay, f"moqt://127.0.0.1:{port}"
-    finally:
-        server.close()
-
-
 class RefusingRelay(Relay):
     """Like moq-dev's relay: PUBLISH is refused (NOT_SUPPORTED), SUBSCRIBE goes to the publisher."""
 
@@ -138,7 +122,7 @@ def test_publish_mode_makes_the_track_live_without_a_subscribe(tmp_path, caplog)
 
 def test_a_refused_publish_falls_back_to_the_relays_subscribe(tmp_path):
     async def main():
-        async with scripted_relay(tmp_path, RefusingRelay(cache_groups=4)) as (relay, url):
+        async with relay_server(tmp_path, RefusingRelay(cache_groups=4)) as (relay, url):
             source = SyntheticSource(object_size=500, fps=200, gop=10, count=100, realtime=True)
             pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5, announce="publish"))
             await asyncio.wait_for(announced(relay), 5)
@@ -155,7 +139,7 @@ def test_a_refused_publish_falls_back_to_the_relays_subscribe(tmp_path):
 def test_objects_follow_the_relays_forward_state(tmp_path):
     async def main():
         relay = ParkingRelay(cache_groups=4)
-        async with scripted_relay(tmp_path, relay) as (relay, url):
+        async with relay_server(tmp_path, relay) as (relay, url):
             source = SyntheticSource(object_size=500, fps=200, gop=10, count=400, realtime=True)
             pub = asyncio.create_task(publish(url, NS, TRACK, source, announce="publish"))
             while not relay.publisher:

@@ -30,11 +30,12 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def relay_server(tmp_path):
+async def relay_server(tmp_path, relay: Relay | None = None):
+    """A relay (by default one caching 4 groups) served on a free loopback port: (relay, url)."""
+    relay = relay if relay is not None else Relay(cache_groups=4)
     cert, key = self_signed(["127.0.0.1"])
     (tmp_path / "c.pem").write_bytes(cert)
     (tmp_path / "k.pem").write_bytes(key)
-    relay = Relay(cache_groups=4)
     port = free_port()
     server = await serve_relay(relay, "127.0.0.1", port, str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
     try:
