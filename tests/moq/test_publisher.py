@@ -58,18 +58,21 @@ def test_goaway_stops_publishing_with_publish_done_and_a_normal_close(tmp_path, 
                      "and close"]
 
 
-def test_a_source_that_ends_sends_publish_done_track_ended(tmp_path):
-    async def main():
-        async with relay_server(tmp_path) as (relay, url):
-            source = SyntheticSource(object_size=500, fps=200, gop=10, count=100, realtime=True)
-            pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5))
-            await asyncio.wait_for(announced(relay), 5)
-            async with MoqtClient(url) as watcher:
-                assert isinstance(await watcher.request(lambda rid: m.Subscribe(rid, NS, TRACK)), m.SubscribeOk)
-                done = await asyncio.wait_for(_publish_done(watcher), 10)
-                return await pub, done
+async def _publish_to_one_subscriber(tmp_path, relay: Relay | None = None, **options):
+    """100 synthetic objects (10 groups) published through a relay to one subscriber by name:
+    (the publisher's result, the PUBLISH_DONE the subscriber got)."""
+    async with relay_server(tmp_path, relay) as (relay, url):
+        source = SyntheticSource(object_size=500, fps=200, gop=10, count=100, realtime=True)
+        pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5, **options))
+        await asyncio.wait_for(announced(relay), 5)
+        async with MoqtClient(url) as watcher:
+            assert isinstance(await watcher.request(lambda rid: m.Subscribe(rid, NS, TRACK)), m.SubscribeOk)
+            done = await asyncio.wait_for(_publish_done(watcher), 10)
+            return await pub, done
 
-    sent, done = asyncio.run(main())
+
+def test_a_source_that_ends_sends_publish_done_track_ended(tmp_path):
+    sent, done = asyncio.run(_publish_to_one_subscriber(tmp_path))
     assert sent.ended == "source ended" and sent.objects == 100
     assert done.status_code == m.PublishDoneCode.TRACK_ENDED and done.stream_count == 20  # 2 subgroups x 10 groups
 
@@ -121,17 +124,7 @@ def test_publish_mode_makes_the_track_live_without_a_subscribe(tmp_path, caplog)
 
 
 def test_a_refused_publish_falls_back_to_the_relays_subscribe(tmp_path):
-    async def main():
-        async with relay_server(tmp_path, RefusingRelay(cache_groups=4)) as (relay, url):
-            source = SyntheticSource(object_size=500, fps=200, gop=10, count=100, realtime=True)
-            pub = asyncio.create_task(publish(url, NS, TRACK, source, wait_subscriber=5, announce="publish"))
-            await asyncio.wait_for(announced(relay), 5)
-            async with MoqtClient(url) as watcher:
-                assert isinstance(await watcher.request(lambda rid: m.Subscribe(rid, NS, TRACK)), m.SubscribeOk)
-                done = await asyncio.wait_for(_publish_done(watcher), 10)
-                return await pub, done
-
-    sent, done = asyncio.run(main())
+    sent, done = asyncio.run(_publish_to_one_subscriber(tmp_path, RefusingRelay(cache_groups=4), announce="publish"))
     assert sent.published == "refused" and sent.subscribed and sent.objects == 100
     assert done.status_code == m.PublishDoneCode.TRACK_ENDED and done.stream_count == 20
 
