@@ -169,7 +169,7 @@ def _relay(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
 
-    from .moq.endpoint import MoqtUrl, serve_relay
+    from .endpoints.endpoint import MoqtUrl, serve_relay
     from .moq.relay import Relay
     from .quic.tls import certificate_files
 
@@ -185,11 +185,11 @@ def _relay(args: argparse.Namespace) -> int:
 
     # netlink (pyroute2) must not run inside the event loop: the kernel path is set up and
     # torn down around it
-    kernel = _kernel_path(args, url) if args.datapath == "kernel" else None
+    kernel = _kernel_datapath(args, url) if args.datapath == "kernel" else None
 
     async def main() -> None:
         relay = Relay(cache_groups=args.cache_groups, cache_bytes=args.cache_bytes, max_backlog=args.max_backlog,
-                      fastpath=kernel)
+                      datapath=kernel)
         server = await serve_relay(relay, url.host, url.port, str(cert), str(key),
                                    tuple(_draft(d) for d in args.drafts.split(",")),
                                    plaintext=args.insecure_plaintext, kernel=kernel)
@@ -201,7 +201,7 @@ def _relay(args: argparse.Namespace) -> int:
         if args.metrics:
             from prometheus_client import REGISTRY, start_http_server
 
-            from .moq.metrics import RelayCollector
+            from .endpoints.metrics import RelayCollector
 
             host, _, port = args.metrics.rpartition(":")
             REGISTRY.register(RelayCollector(relay, kernel))
@@ -228,17 +228,17 @@ def _relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_path(args: argparse.Namespace, url):
+def _kernel_datapath(args: argparse.Namespace, url):
     """The kernel data path on the relay's interfaces (all but loopback unless --interface)."""
     import socket
 
+    from .datapath.kernel.path import KernelDatapath
     from .kernel import privileges
-    from .moq.kernel_path import KernelPath
 
     privileges.require()
     names = args.interface or [name for _, name in socket.if_nameindex() if name != "lo"]
-    return KernelPath(url.port, [socket.if_nametoindex(n) for n in names],
-                      protect_priority=args.protect_priority, absorb_acks=not args.pass_acks)
+    return KernelDatapath(url.port, [socket.if_nametoindex(n) for n in names],
+                          protect_priority=args.protect_priority, absorb_acks=not args.pass_acks)
 
 
 def _connect_timeout(text: str) -> float:
@@ -264,7 +264,7 @@ def _run_client[T](args: argparse.Namespace, main: Coroutine[object, object, T])
     warning) are kept for --verbose."""
     import asyncio
 
-    from .moq.endpoint import ConnectFailed, ConnectFailure
+    from .endpoints.endpoint import ConnectFailed, ConnectFailure
 
     if not args.verbose:
         logging.getLogger("quic").setLevel(logging.ERROR)
@@ -282,8 +282,8 @@ def _run_client[T](args: argparse.Namespace, main: Coroutine[object, object, T])
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from .endpoints.publisher import publish
     from .media.h264 import H264Source, SyntheticSource
-    from .moq.publisher import publish
 
     if args.source == "synthetic":
         source = SyntheticSource(object_size=args.object_size, fps=args.fps, gop=args.gop, duration=args.duration,
@@ -301,7 +301,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from .moq.subscriber import subscribe
+    from .endpoints.subscriber import subscribe
 
     def report(snapshot: dict[str, object]) -> None:
         print(json.dumps({"progress": snapshot}), flush=True)
@@ -317,7 +317,7 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 def _client_epilog() -> str:
     """publish/subscribe --help: the exit codes."""
-    from .moq.endpoint import CONNECT_FAILURE_HELP
+    from .endpoints.endpoint import CONNECT_FAILURE_HELP
 
     codes = [(0, "done"), (1, "any other error (e.g. the relay refused the request)"), (2, "bad arguments"),
              *((int(failure), text) for failure, text in CONNECT_FAILURE_HELP.items())]
@@ -407,7 +407,7 @@ def parser() -> argparse.ArgumentParser:
                    help="offer QUIC without packet protection (only peers offering it too use it); INSECURE")
     r.set_defaults(fn=_relay)
 
-    from .moq.endpoint import CONNECT_TIMEOUT_S
+    from .endpoints.endpoint import CONNECT_TIMEOUT_S
 
     for name, fn, text in (("publish", _publish, "publish a track through a relay"),
                            ("subscribe", _subscribe, "subscribe to a track through a relay")):

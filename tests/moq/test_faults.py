@@ -27,20 +27,18 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, QuicProtocolVersion, pull_quic_header
 from aioquic.quic.packet_builder import QuicPacketBuilder
+from moqtools import NS, TRACK, announced, free_port, relay_process, relay_server, synthetic
 
+from fastrelay.endpoints.endpoint import MoqtClient
+from fastrelay.endpoints.publisher import PublishResult, publish
+from fastrelay.endpoints.subscriber import SubscribeResult, subscribe
 from fastrelay.media.h264 import verify_synthetic_payload
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import MoqtClient
 from fastrelay.moq.params import MessageParams
-from fastrelay.moq.publisher import PublishResult, publish
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed, MessageReceived, ObjectReceived
-from fastrelay.moq.subscriber import SubscribeResult, subscribe
 from fastrelay.quic.link import RETRY_ABOVE, SUMMARY_INTERVAL_S, QuicLink, configuration, serve
 from fastrelay.quic.tls import self_signed
-
-from .test_quic_e2e import NS, TRACK, announced, relay_server, synthetic
-from .test_relay_cli import free_port, relay_process
 
 COUNT = 450  # objects per publisher run: 15 groups of 30 at 150 per second
 

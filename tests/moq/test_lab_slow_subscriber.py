@@ -5,14 +5,22 @@ stays bounded."""
 import subprocess
 
 import pytest
-from labtools import fr, lab_name, last_json, received_argv, received_objects
+from labtools import (
+    PORT,
+    assert_complete,
+    broken_subgroups,
+    fr,
+    lab_name,
+    last_json,
+    metrics,
+    received_argv,
+    received_objects,
+    relay,
+)
 
 from fastrelay.lab import impair
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import exec_argv
-
-from .conftest import broken_subgroups
-from .test_kernel_path import PORT, assert_complete, metrics, relay
 
 pytestmark = pytest.mark.usefixtures("root")
 

@@ -1,6 +1,6 @@
 """SUBSCRIBE_NAMESPACE end to end (issue 10): a subscriber that knows only a namespace prefix
 learns the tracks under it and receives them. Real QUIC (aioquic) on loopback, drafts 16 and 14:
-the relay is serve_relay() in this process, publishers are fastrelay's (moq/publisher.py) or a
+the relay is serve_relay() in this process, publishers are fastrelay's (endpoints/publisher.py) or a
 small one that announces its tracks with PUBLISH, and the namespace subscriber is a MoqtClient
 that sends only SUBSCRIBE_NAMESPACE and answers every PUBLISH with PUBLISH_OK.
 
@@ -28,19 +28,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+from moqtools import relay_server, synthetic
 
+from fastrelay.endpoints.endpoint import MoqtClient
+from fastrelay.endpoints.publisher import publish
+from fastrelay.endpoints.subscriber import subscribe
 from fastrelay.media.h264 import synthetic_payload, verify_synthetic_payload
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import Object, subgroup_header_for
-from fastrelay.moq.endpoint import MoqtClient
 from fastrelay.moq.params import GroupOrder, MessageParams, Version
-from fastrelay.moq.publisher import publish
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed, MessageReceived, ObjectReceived
-from fastrelay.moq.subscriber import subscribe
 from fastrelay.moq.wire import Location
-
-from .test_quic_e2e import relay_server, synthetic
 
 VERSIONS = pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14], ids=["draft16", "draft14"])
 PREFIX = (b"live",)

@@ -3,55 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-from contextlib import asynccontextmanager
 
 import pytest
+from moqtools import NS, TRACK, announced, relay_server, synthetic
 
-from fastrelay.media.h264 import H264Source, SyntheticSource, verify_synthetic_payload
+from fastrelay.endpoints.endpoint import MoqtClient
+from fastrelay.endpoints.publisher import publish
+from fastrelay.endpoints.subscriber import subscribe
+from fastrelay.media.h264 import H264Source, verify_synthetic_payload
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import MoqtClient, serve_relay
 from fastrelay.moq.params import Version
-from fastrelay.moq.publisher import publish
-from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed
-from fastrelay.moq.subscriber import subscribe
 from fastrelay.moq.wire import ErrorCode
-from fastrelay.quic.tls import self_signed
-
-NS, TRACK = (b"live", b"cam"), b"video"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@asynccontextmanager
-async def relay_server(tmp_path, relay: Relay | None = None):
-    """A relay (by default one caching 4 groups) served on a free loopback port: (relay, url)."""
-    relay = relay if relay is not None else Relay(cache_groups=4)
-    cert, key = self_signed(["127.0.0.1"])
-    (tmp_path / "c.pem").write_bytes(cert)
-    (tmp_path / "k.pem").write_bytes(key)
-    port = free_port()
-    server = await serve_relay(relay, "127.0.0.1", port, str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
-    try:
-        yield relay, f"moqt://127.0.0.1:{port}"
-    finally:
-        server.close()
-
-
-async def announced(relay: Relay) -> None:
-    """Until the publisher's PUBLISH_NAMESPACE has reached the relay (a SUBSCRIBE before it is refused)."""
-    while not any(p.namespaces for p in relay.peers.values()):
-        await asyncio.sleep(0.01)
-
-
-def synthetic(count: int, fps: float = 300.0) -> SyntheticSource:
-    return SyntheticSource(object_size=900, keyframe_size=3000, fps=fps, gop=30, count=count, realtime=True)
 
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14], ids=["draft16", "draft14"])

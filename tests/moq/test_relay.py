@@ -3,77 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from moqtools import LARGEST, NS, TRACK, Publisher, connect, messages, objects
 
+from fastrelay.datapath.interface import Owner
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import Object, subgroup_header_for
 from fastrelay.moq.params import FilterType, MessageParams, SubscriptionFilter, Version
 from fastrelay.moq.relay import Relay
-from fastrelay.moq.session import Closed, MessageReceived, MoqtSession, ObjectReceived, StreamEnded
+from fastrelay.moq.session import Closed, MessageReceived, StreamEnded
 from fastrelay.moq.wire import ErrorCode
-
-from .conftest import Pipe
-
-NS, TRACK = (b"live", b"cam"), b"video"
-# the filter a SUBSCRIBE needs for a joining FETCH to name it (draft-16 / -14 section 9.16.2)
-LARGEST = MessageParams(subscription_filter=SubscriptionFilter(FilterType.LARGEST_OBJECT))
-
-
-def connect(relay: Relay, version: Version, name: str):
-    c, s = Pipe(True), Pipe(False)
-    c.peer, s.peer = s, c
-    events: list = []
-    c.session = MoqtSession(c, client=True, version=version, on_event=events.append)
-    holder = {}
-    s.session = MoqtSession(s, client=False, version=version, on_event=lambda e: relay.on_event(holder["peer"], e))
-    holder["peer"] = relay.attach(s.session, name)
-    c.session.start()
-    return c, events
-
-
-def messages(events, cls):
-    return [e.message for e in events if isinstance(e, MessageReceived) and isinstance(e.message, cls)]
-
-
-def objects(events, alias=None):
-    return [(e.object.group_id, e.object.object_id, e.object.payload) for e in events
-            if isinstance(e, ObjectReceived) and (alias is None or e.track_alias == alias)]
-
-
-class Publisher:
-    """A publisher endpoint answering the relay's SUBSCRIBE and writing groups (one subgroup
-    stream per group, opened by its first object)."""
-
-    def __init__(self, relay: Relay, version: Version, namespace: tuple[bytes, ...] = NS) -> None:
-        self.pipe, self.events = connect(relay, version, "pub")
-        self.version = version
-        s = self.pipe.session
-        self.ns_request = s.next_request_id()
-        s.send(m.PublishNamespace(self.ns_request, namespace))
-        assert messages(self.events, m.RequestOk)
-        self.alias = 42
-        self.writers: dict = {}
-
-    def answer_subscribes(self, extensions: tuple = (), largest=None) -> int:
-        from fastrelay.moq.params import MessageParams
-
-        subs = messages(self.events, m.Subscribe)
-        for sub in subs:
-            self.pipe.session.send(m.SubscribeOk(sub.request_id, self.alias, MessageParams(largest_object=largest),
-                                                 extensions))
-        self.events.clear()
-        return len(subs)
-
-    def write(self, group: int, obj: int, fin: bool = False, priority: int | None = 10, size: int = 0) -> None:
-        """`priority` None: the header's DEFAULT_PRIORITY bit (the track's priority, draft-16)."""
-        writer = self.writers.get(group)
-        if writer is None:
-            prio = 10 if priority is None else priority
-            header = subgroup_header_for(self.alias, group, 0, 0, publisher_priority=prio,
-                                         default_priority=prio if priority is None else None,
-                                         version=self.version, extensions=True)
-            writer = self.writers[group] = self.pipe.session.open_subgroup(header)
-        payload = f"g{group}o{obj}".encode().ljust(size, b".")
-        writer.write(Object(group, 0, obj, priority, extensions=[(2, obj)], payload=payload), fin=fin)
 
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
@@ -260,7 +198,7 @@ def test_an_internal_error_fails_only_that_request(monkeypatch, caplog):
 
 @pytest.mark.parametrize("version", [Version.DRAFT_16, Version.DRAFT_14])
 def test_request_update_pauses_and_resumes_forwarding_and_track_status(version):
-    from fastrelay.moq.params import FilterType, MessageParams, SubscriptionFilter
+    from fastrelay.moq.params import MessageParams
     from fastrelay.moq.wire import Location
 
     relay = Relay()
@@ -398,7 +336,7 @@ def test_objects_leave_in_the_drafts_priority_order():
 
 
 class EndsSeen:
-    """A fast path that takes nothing and records which upstream streams it was told have ended."""
+    """A data path that takes nothing and records which upstream streams it was told have ended."""
 
     def __init__(self) -> None:
         self.ended: list[int] = []
@@ -407,7 +345,9 @@ class EndsSeen:
     def downstream_ready(self, ds) -> None: ...
     def downstream_gone(self, ds) -> None: ...
     def peer_gone(self, peer) -> None: ...
-    def owns(self, *a) -> None: ...
+    def owns(self, *a) -> Owner:
+        return Owner.RELAY
+
     def owns_datagrams(self, ds) -> bool:
         return False
 
@@ -418,10 +358,10 @@ class EndsSeen:
 def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(caplog):
     """Another QUIC stream may deliver a subgroup before the SUBSCRIBE_OK naming its track alias:
     the relay holds it (bounded) and forwards and caches it once the alias is known; what no
-    SUBSCRIBE_OK claims is dropped once none is awaited, its stream ends still reaching the fast
+    SUBSCRIBE_OK claims is dropped once none is awaited, its stream ends still reaching the data
     path (which forgets those streams)."""
-    fast = EndsSeen()
-    relay = Relay(fastpath=fast)
+    datapath = EndsSeen()
+    relay = Relay(datapath=datapath)
     pub = Publisher(relay, Version.DRAFT_16)
     s1, ev1 = connect(relay, Version.DRAFT_16, "s1")
     s1.session.send(m.Subscribe(s1.session.next_request_id(), NS, TRACK))
@@ -430,7 +370,7 @@ def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(
     pub.alias = 77                                 # and a stream on an alias no SUBSCRIBE_OK will name
     pub.write(5, 0, fin=True)
     pub.alias = 42
-    assert not objects(ev1) and relay.stats.objects_in == 0 and fast.ended == []
+    assert not objects(ev1) and relay.stats.objects_in == 0 and datapath.ended == []
     publisher = next(p for p in relay.peers.values() if p.name == "pub")
     assert publisher.early_bytes > 0
     assert pub.answer_subscribes() == 1
@@ -438,7 +378,7 @@ def test_objects_that_overtake_subscribe_ok_are_held_until_it_names_their_alias(
     assert objects(ev1, ok.track_alias) == [(0, 0, b"g0o0"), (0, 1, b"g0o1")]
     assert [e for e in ev1 if isinstance(e, StreamEnded)]          # its FIN too
     assert relay.stats.objects_in == 2
-    assert sorted(fast.ended) == sorted(w.stream_id for w in pub.writers.values())  # both streams' ends
+    assert sorted(datapath.ended) == sorted(w.stream_id for w in pub.writers.values())  # both streams' ends
     assert not publisher.early and publisher.early_bytes == 0
     pub.write(1, 0)
     assert objects(ev1, ok.track_alias)[-1] == (1, 0, b"g1o0")

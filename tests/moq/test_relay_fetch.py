@@ -4,6 +4,7 @@ the cache no longer holds completely (in-memory sessions)."""
 from __future__ import annotations
 
 import pytest
+from moqtools import LARGEST, NS, TRACK, Publisher, connect, messages
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import FetchHeader
@@ -11,8 +12,6 @@ from fastrelay.moq.params import GroupOrder, MessageParams, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import ObjectReceived, StreamEnded
 from fastrelay.moq.wire import Location
-
-from .test_relay import LARGEST, NS, TRACK, Publisher, connect, messages
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 

@@ -8,6 +8,7 @@ ended. Draft-14 fetch streams carry the status objects themselves."""
 from __future__ import annotations
 
 import pytest
+from moqtools import LARGEST, NS, TRACK, Publisher, connect, messages
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import FetchHeader, Object, ObjectStatus, subgroup_header_for
@@ -15,8 +16,6 @@ from fastrelay.moq.params import Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import ObjectReceived, StreamEnded
 from fastrelay.moq.wire import Location
-
-from .test_relay import LARGEST, NS, TRACK, Publisher, connect, messages
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 VERSIONS = pytest.mark.parametrize("version", [D16, D14], ids=["draft16", "draft14"])

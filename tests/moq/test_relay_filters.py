@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from moqtools import NS, TRACK, Publisher, connect, messages, objects
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.params import FilterType, MessageParams, SubscriptionFilter, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.wire import Location
-
-from .test_relay import NS, TRACK, Publisher, connect, messages, objects
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 VERSIONS = pytest.mark.parametrize("version", [D16, D14])

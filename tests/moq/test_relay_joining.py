@@ -6,14 +6,13 @@ PROTOCOL_VIOLATION. Draft-16 section 9.16.2 and draft-14 section 9.16.2 say the 
 from __future__ import annotations
 
 import pytest
+from moqtools import LARGEST, NS, TRACK, Publisher, connect, messages
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.params import FilterType, GroupOrder, MessageParams, SubscriptionFilter, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed
 from fastrelay.moq.wire import ErrorCode, Location
-
-from .test_relay import LARGEST, NS, TRACK, Publisher, connect, messages
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 VERSIONS = pytest.mark.parametrize("version", [D16, D14], ids=["draft16", "draft14"])

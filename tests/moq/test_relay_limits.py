@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
+from moqtools import NS, TRACK, Publisher, connect, messages, objects
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.params import Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed, ObjectReceived, StreamEnded
 from fastrelay.moq.wire import ErrorCode, Location
-
-from .test_relay import NS, TRACK, Publisher, connect, messages, objects
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 VERSIONS = pytest.mark.parametrize("version", [D16, D14], ids=["draft16", "draft14"])

@@ -3,13 +3,13 @@ of one namespace, and a publisher's GOAWAY (in-memory sessions)."""
 
 from __future__ import annotations
 
+from moqtools import NS, TRACK, Publisher, connect, messages, objects
+
 from fastrelay.moq import messages as m
 from fastrelay.moq.params import Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed, MessageReceived
 from fastrelay.moq.wire import ErrorCode
-
-from .test_relay import NS, TRACK, Publisher, connect, messages, objects
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 

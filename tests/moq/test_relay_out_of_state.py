@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 
+from moqtools import NS, TRACK, Publisher, connect, messages, objects
+
 from fastrelay.moq import messages as m
 from fastrelay.moq.params import MessageParams, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import Closed
 from fastrelay.moq.wire import ErrorCode
-
-from .test_relay import NS, TRACK, Publisher, connect, messages, objects
 
 D16 = Version.DRAFT_16
 

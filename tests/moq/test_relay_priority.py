@@ -4,6 +4,7 @@ publisher's group order when the subscriber names none (in-memory sessions)."""
 from __future__ import annotations
 
 import pytest
+from moqtools import NS, TRACK, Publisher, connect, messages
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import FetchHeader, SubgroupHeader
@@ -11,8 +12,6 @@ from fastrelay.moq.params import GroupOrder, MessageParams, Version
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import ObjectReceived
 from fastrelay.moq.wire import Location
-
-from .test_relay import NS, TRACK, Publisher, connect, messages
 
 D14, D16 = Version.DRAFT_14, Version.DRAFT_16
 PRIORITY, ORDER = m.TrackExtension.DEFAULT_PUBLISHER_PRIORITY, m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from moqtools import Pipe, pair
 
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import Object, SubgroupHeader, subgroup_header_for
@@ -17,8 +18,6 @@ from fastrelay.moq.session import (
     StreamEnded,
 )
 from fastrelay.moq.wire import ErrorCode, Location, Writer
-
-from .conftest import Pipe, pair
 
 VERSIONS = [Version.DRAFT_16, Version.DRAFT_14]
 

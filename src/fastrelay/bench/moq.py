@@ -144,7 +144,7 @@ def _result(proc: subprocess.Popen[str], name: str, timeout: float) -> Any:
 
 
 async def _subscribers(url: str, n: int, seconds: float) -> list[dict]:
-    from ..moq.subscriber import subscribe
+    from ..endpoints.subscriber import subscribe
 
     async def one() -> dict:
         r = await subscribe(url, tuple(f.encode() for f in NS.split("/")), TRACK.encode(), codec="raw",

@@ -180,7 +180,7 @@ def capacity(lab: Lab, probe: DelayProbe, fanout: int, seconds: float) -> dict[s
     """Copies/s the kernel delivers when the sender offers all it can, the same QUIC-shaped
     packets through (a) the MoQT fast path's programs and (b) the UDP fan-out program. Data
     plane only: the MoQT records are drained without registering them in QUIC connections."""
-    from ..moq.fastpath import ConnSpec, MoqFastPath
+    from ..datapath.kernel.maps import ConnSpec, KernelMaps
 
     shape = QuicShape()
     src_port, port = 40000, udp_fanout.PORT
@@ -189,7 +189,7 @@ def capacity(lab: Lab, probe: DelayProbe, fanout: int, seconds: float) -> dict[s
     try:
         with entered(lab.relay_ns):
             idx = {link.relay_ifname: socket.if_nametoindex(link.relay_ifname) for link in lab.links}
-            fp = MoqFastPath(port, ingress=[idx["pub0"]], egress=[idx[s.relay_ifname] for s in lab.subscribers])
+            fp = KernelMaps(port, ingress=[idx["pub0"]], egress=[idx[s.relay_ifname] for s in lab.subscribers])
         try:
             up = fp.add_upstream(shape.CID, (lab.publisher.ipv4, src_port))
             fp.set_alias(up, shape.ALIAS, 1)

@@ -14,9 +14,9 @@ import asyncio
 import json
 import sys
 
+from ..endpoints.subscriber import subscribe
 from ..media.h264 import verify_synthetic_payload
 from ..moq.params import Version
-from ..moq.subscriber import subscribe
 
 
 async def run(url: str, namespace: tuple[bytes, ...], track: bytes, count: int, *, verify: bool,

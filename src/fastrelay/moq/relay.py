@@ -61,8 +61,8 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
 
+from ..datapath.interface import Datapath, Owner
 from . import messages as m
 from .cache import CachedObject, TrackCache
 from .data import Object, ObjectDatagram, ObjectStatus, SubgroupHeader, subgroup_header_for
@@ -95,19 +95,6 @@ RESET_UNKNOWN_OBJECT_STATUS = 0x4
 D14_NO_OBJECTS = 0x6  # draft-14 FETCH_ERROR NO_OBJECTS (draft-16 answers an empty range with an empty stream)
 
 
-class FastPath(Protocol):
-    """A data path that delivers some subgroups itself (moq/kernel_path.py). The relay core
-    tells it about tracks and subscriptions and asks, per subscriber and upstream stream,
-    whether it sends the stream ("forward"), dropped it whole under congestion ("dropped"),
-    or leaves it to the relay (None)."""
-
-    def upstream_track(self, peer: Peer, alias: int, track: Track, default_priority: int) -> None: ...
-    def downstream_ready(self, ds: Downstream) -> None: ...
-    def downstream_gone(self, ds: Downstream) -> None: ...
-    def peer_gone(self, peer: Peer) -> None: ...
-    def stream_ended(self, peer: Peer, stream_id: int, reset: bool) -> None: ...
-    def owns(self, ds: Downstream, peer: Peer, stream_id: int) -> Literal["forward", "dropped"] | None: ...
-    def owns_datagrams(self, ds: Downstream) -> bool: ...
 # track extensions a draft-14 SUBSCRIBE_OK or PUBLISH can carry (as its Group Order field and parameters)
 _D14_TRACK_EXTENSIONS = frozenset({m.TrackExtension.DEFAULT_PUBLISHER_GROUP_ORDER, m.TrackExtension.DELIVERY_TIMEOUT,
                                    m.TrackExtension.MAX_CACHE_DURATION})
@@ -176,7 +163,7 @@ class Downstream:
     group: int = -1  # newest group started for this subscriber
     skipped_below: int = -1  # it fell behind and skipped to this group: older subgroups never start
     objects: int = 0
-    fast_objects: int = 0  # of its objects, those the fast path delivered
+    fast_objects: int = 0  # of its objects, those the data path delivered
     dropped: int = 0
     streams: int = 0  # subgroup streams opened for it (PUBLISH_DONE's stream count)
 
@@ -230,7 +217,7 @@ class RelayStats:
     cache_hits: int = 0
     sessions: int = 0
     dropped_objects: int = 0  # not sent to a subscriber that fell behind
-    fast_objects: int = 0  # objects a fast path (the kernel) delivered instead of the relay
+    fast_objects: int = 0  # objects a data path (the kernel) delivered instead of the relay
     failed_requests: int = 0  # requests ended because of a relay error
 
 
@@ -243,10 +230,10 @@ class Relay:
     in progress (more are refused)."""
 
     def __init__(self, cache_groups: int = 8, cache_bytes: int = 64 << 20, max_backlog: int = 1 << 20,
-                 fastpath: FastPath | None = None, max_requests: int = 128, max_fetches: int = 16) -> None:
+                 datapath: Datapath | None = None, max_requests: int = 128, max_fetches: int = 16) -> None:
         if max_requests < 1 or max_fetches < 1:
             raise ValueError("max_requests and max_fetches must be positive")
-        self.fastpath = fastpath
+        self.datapath = datapath
         self.cache_groups = cache_groups
         self.cache_bytes = cache_bytes
         # a subscriber with more than this unacknowledged or queued skips to the next group; four
@@ -561,7 +548,7 @@ class Relay:
                                             "the filter's end group is before its start or already over"))
             return
         ds.established = True
-        self._fast_subscription(ds)
+        self._datapath_subscription(ds)
 
     def _on_Publish(self, peer: Peer, msg: m.Publish) -> None:
         key = (msg.track_namespace, msg.track_name)
@@ -583,8 +570,8 @@ class Relay:
         peer.session.send(m.PublishOk(msg.request_id, MessageParams(forward=True, group_order=track.group_order)))
         track.upstream_request_id, track.upstream_alias, track.live = msg.request_id, msg.track_alias, True
         peer.upstream[msg.track_alias] = track
-        if self.fastpath:
-            self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
+        if self.datapath:
+            self.datapath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
         self._replay_early(peer, msg.track_alias)
 
@@ -635,8 +622,8 @@ class Relay:
         self._upstream_established(track, msg.track_extensions, msg.params.largest_object)
         track.upstream_alias, track.live = msg.track_alias, True
         peer.upstream[msg.track_alias] = track
-        if self.fastpath:
-            self.fastpath.upstream_track(peer, msg.track_alias, track, track.default_priority)
+        if self.datapath:
+            self.datapath.upstream_track(peer, msg.track_alias, track, track.default_priority)
         self._establish(track)
         self._replay_early(peer, msg.track_alias)
 
@@ -682,7 +669,7 @@ class Relay:
         if p.subscription_filter is not None and p.subscription_filter.end_group is not None:
             ds.end_group = p.subscription_filter.end_group
         ds.params = replace(ds.params, **{k: getattr(p, k) for k in p.present()})
-        self._fast_subscription(ds)
+        self._datapath_subscription(ds)
         if sub.session.version == Version.DRAFT_14:
             return  # draft-14's SUBSCRIBE_UPDATE has no reply
         sub.session.send(m.RequestOk(msg.request_id, MessageParams(largest_object=ds.track.cache.largest()),
@@ -827,17 +814,17 @@ class Relay:
         ds.peer.session.send(m.SubscribeOk(ds.request_id, ds.alias, MessageParams(largest_object=ds.largest),
                                            _track_extensions(ds.track, ds.peer.session.version)))
         ds.established = True
-        self._fast_subscription(ds)
+        self._datapath_subscription(ds)
 
-    def _fast_subscription(self, ds: Downstream) -> None:
-        """Open-ended, forwarding subscriptions may be served by the fast path from the next
+    def _datapath_subscription(self, ds: Downstream) -> None:
+        """Open-ended, forwarding subscriptions may be served by the data path from the next
         subgroup on; paused or bounded ones are the relay's alone."""
-        if self.fastpath is None or not ds.established:
+        if self.datapath is None or not ds.established:
             return
         if ds.forward and ds.end_group is None and ds.active:
-            self.fastpath.downstream_ready(ds)
+            self.datapath.downstream_ready(ds)
         else:
-            self.fastpath.downstream_gone(ds)
+            self.datapath.downstream_gone(ds)
 
     def _on_Fetch(self, peer: Peer, msg: m.Fetch) -> None:
         """Answer a FETCH from the cache: FETCH_OK, then one fetch stream in the requested group
@@ -971,8 +958,8 @@ class Relay:
 
     def _drop_downstream(self, ds: Downstream) -> None:
         ds.active = False
-        if self.fastpath:
-            self.fastpath.downstream_gone(ds)
+        if self.datapath:
+            self.datapath.downstream_gone(ds)
         self._purge(ds.peer, lambda it: it[2] is ds)
         ds.queued.clear()
         for w in ds.writers.values():
@@ -1018,8 +1005,8 @@ class Relay:
         for w in ds.writers.values():
             w.finish()
         ds.writers.clear()
-        if self.fastpath:
-            self.fastpath.downstream_gone(ds)
+        if self.datapath:
+            self.datapath.downstream_gone(ds)
         peer = ds.peer
         if peer.downstream.get(ds.request_id) is ds:
             del peer.downstream[ds.request_id]
@@ -1043,8 +1030,8 @@ class Relay:
         peer.downstream.clear()
         peer.fetches.clear()
         peer.ns_subs.clear()
-        if self.fastpath:
-            self.fastpath.peer_gone(peer)
+        if self.datapath:
+            self.datapath.peer_gone(peer)
         log.info("session %s gone", peer.name)
 
     # ---- data
@@ -1082,7 +1069,7 @@ class Relay:
                 self._stream_ended(peer, ev)
 
     def _discard_early(self, peer: Peer, aliases: list[int]) -> None:
-        """Drop what was held for `aliases`; the ends of those streams still reach the fast path,
+        """Drop what was held for `aliases`; the ends of those streams still reach the data path,
         so it forgets the streams (their alias being unknown, nothing else happens)."""
         for alias in aliases:
             for ev in peer.early.pop(alias, []):
@@ -1117,14 +1104,14 @@ class Relay:
             self.pump(sub)
 
     def _forward(self, ds: Downstream, peer: Peer, stream_id: int | None, obj: Object) -> None:
-        """Hand one live object to a subscription: the fast path's, a datagram, or the queue."""
-        if self.fastpath and ds.forward:
-            fast = (("forward" if self.fastpath.owns_datagrams(ds) else None) if stream_id is None
-                    else self.fastpath.owns(ds, peer, stream_id))
-            if fast == "dropped":
+        """Hand one live object to a subscription: the data path's, a datagram, or the queue."""
+        if self.datapath and ds.forward:
+            owner = ((Owner.DATAPATH if self.datapath.owns_datagrams(ds) else Owner.RELAY) if stream_id is None
+                     else self.datapath.owns(ds, peer, stream_id))
+            if owner is Owner.DROPPED:
                 self._drop(ds)
                 return
-            if fast == "forward":
+            if owner is Owner.DATAPATH:
                 ds.fast_objects += 1
                 self.stats.fast_objects += 1
                 return
@@ -1283,8 +1270,8 @@ class Relay:
         self.stats.bytes_out += len(obj.payload)
 
     def _stream_ended(self, peer: Peer, ev: StreamEnded) -> None:
-        if self.fastpath:
-            self.fastpath.stream_ended(peer, ev.stream_id, ev.reset_code is not None)
+        if self.datapath:
+            self.datapath.stream_ended(peer, ev.stream_id, ev.reset_code is not None)
         header = ev.header
         if not isinstance(header, SubgroupHeader):
             return

@@ -289,7 +289,7 @@ def note_received(quic: QuicConnection, truncated_pn: int, now: float) -> bool:
     return True
 
 
-# ---- what the kernel data path needs to know of a connection (moq/kernel_path.py)
+# ---- what the kernel data path needs to know of a connection (datapath/kernel/path.py)
 
 def host_cid(quic: QuicConnection) -> bytes:
     """The connection id of this endpoint the peer currently addresses its packets to."""

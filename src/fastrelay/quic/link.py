@@ -154,6 +154,17 @@ class LinkHandler(Protocol):
     def input_processed(self) -> None: ...  # a datagram was handled (ACKs may have freed the window)
 
 
+class LinkObserver(Protocol):
+    """Sees a link's input around aioquic and may hand out its stream ids: the kernel data path
+    (datapath/kernel/path.py) drains its records before input, publishes budgets after it, and
+    gives its subscriber connections stream ids from a counter shared with the kernel.
+    Registered with QuicLink.observe(); a link has at most one."""
+
+    def before_input(self, link: QuicLink) -> None: ...
+    def after_input(self, link: QuicLink) -> None: ...
+    def allocate_uni_stream(self, link: QuicLink) -> int | None: ...  # None: aioquic allocates it
+
+
 @dataclass
 class Limits:
     """Flow-control windows and timeouts offered to the peer."""
@@ -167,7 +178,7 @@ class Limits:
 class LinkConfiguration(QuicConfiguration):
     """QuicConfiguration plus fastrelay's own options (it is shared by every connection of a server)."""
 
-    plaintext: bool = False  # offer plaintext 1-RTT packets (INSECURE, kernel fast path): see quic/plaintext.py
+    plaintext: bool = False  # offer plaintext 1-RTT packets (INSECURE, kernel data path): see quic/plaintext.py
 
 
 def configuration(*, client: bool, alpn: list[str], cert: str | None = None, key: str | None = None,
@@ -202,12 +213,8 @@ class QuicLink(QuicConnectionProtocol):
             plaintext_mode.install(self._quic)
         self.closed = asyncio.get_event_loop().create_future()
         self._transmit_scheduled = False
-        # kernel data path hooks (moq/kernel_path.py): records drained before input, budgets
-        # published after it, stream ids from a counter shared with the kernel; set by the
-        # handler factory, so they exist before it runs
-        self.before_input: Callable[[QuicLink], None] | None = None
-        self.after_input: Callable[[QuicLink], None] | None = None
-        self.stream_allocator: Callable[[], int] | None = None
+        # registered by the handler factory (observe()), so it exists before it runs
+        self._observer: LinkObserver | None = None
         self.send_limited = False
         # set by the server that accepted the connection: its counters, and who is told when the
         # handshake completes (connections not there yet are capped)
@@ -216,13 +223,19 @@ class QuicLink(QuicConnectionProtocol):
         self._write_drop_logged = False
         self.handler: LinkHandler | None = handler_factory(self) if handler_factory else None
 
+    def observe(self, observer: LinkObserver) -> None:
+        """Register the link's one observer (see LinkObserver); a second one is refused."""
+        if self._observer is not None and self._observer is not observer:
+            raise ValueError("this link already has an observer")
+        self._observer = observer
+
     # ---- events in
     def datagram_received(self, data: bytes | str, addr: tuple) -> None:
-        if self.before_input is not None:
-            self.before_input(self)
+        if self._observer is not None:
+            self._observer.before_input(self)
         super().datagram_received(data, addr)
-        if self.after_input is not None:
-            self.after_input(self)
+        if self._observer is not None:
+            self._observer.after_input(self)
         if self.handler is not None:
             self.handler.input_processed()
 
@@ -282,8 +295,10 @@ class QuicLink(QuicConnectionProtocol):
         return self._quic
 
     def open_stream(self, unidirectional: bool) -> int:
-        if unidirectional and self.stream_allocator is not None:
-            return self.stream_allocator()
+        if unidirectional and self._observer is not None:
+            sid = self._observer.allocate_uni_stream(self)
+            if sid is not None:
+                return sid
         return self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
 
     @property

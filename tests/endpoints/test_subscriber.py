@@ -10,20 +10,19 @@ import time
 from dataclasses import replace
 
 import pytest
+from moqtools import NS, TRACK, announced, free_port, relay_process, relay_server
 
+from fastrelay.endpoints.endpoint import serve_relay
+from fastrelay.endpoints.publisher import publish
+from fastrelay.endpoints.subscriber import LossLedger, _Reorder, subscribe
 from fastrelay.media.h264 import Frame, H264Source, SyntheticSource, verify_synthetic_payload
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import serve_relay
 from fastrelay.moq.params import FilterType, SubscriptionFilter, Version
-from fastrelay.moq.publisher import publish
 from fastrelay.moq.relay import Relay
 from fastrelay.moq.session import MessageReceived
-from fastrelay.moq.subscriber import LossLedger, _Reorder, subscribe
 from fastrelay.quic.tls import self_signed
 
 from .test_endpoint_errors import FR
-from .test_quic_e2e import NS, TRACK, announced, free_port, relay_server
-from .test_relay_cli import relay_process
 
 GOP, STEP = 30, 33_333  # objects per group, frame interval (us)
 

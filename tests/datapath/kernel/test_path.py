@@ -6,17 +6,13 @@ relay's counters proving the kernel, not userspace, forwarded them."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
-from labtools import fr, lab_name, last_json, wait_until
+from labtools import PORT, assert_complete, fr, lab_name, last_json, metrics, relay, wait_until
 
 from fastrelay.lab import impair
 from fastrelay.lab.topology import Lab
@@ -26,7 +22,6 @@ from .conftest import RelayMaps, bpf_held, clsact_filters, still_loaded
 
 pytestmark = pytest.mark.usefixtures("root")
 
-PORT, METRICS = 4443, 9464
 RATE, SIZE, GOP, SECONDS = 200, 1000, 20, 3
 
 
@@ -34,94 +29,6 @@ RATE, SIZE, GOP, SECONDS = 200, 1000, 20, 3
 def lab(root):
     with Lab(lab_name("tkp"), 2) as lab:
         yield lab
-
-
-@dataclass(frozen=True)
-class LeftKernelPath:
-    """A subscriber connection's line when it left the kernel path: what each side sent it."""
-
-    ip: str
-    port: int
-    kernel_packets: int
-    user_packets: int  # control, the joining group, handed-over streams and every repair
-    acks_read: int  # its ACK-only packets the kernel read (absorbed)
-
-
-LEFT = re.compile(r"subscriber ([\d.a-f:]+):(\d+) left the kernel path: (\d+) packets \(\d+ bytes\) sent by the "
-                  r"kernel, (\d+) by userspace \(\d+ bytes\); (\d+) of its ACK-only packets read by the kernel")
-
-
-class Relay:
-    def __init__(self, proc: subprocess.Popen, log_path) -> None:
-        self.proc = proc
-        self.log_path = log_path
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def _running(self) -> bool:
-        assert self.proc.poll() is None, f"the relay exited: {self.log[-3000:]}"
-        return True
-
-    def wait_log(self, text: str, timeout: float = 20) -> None:
-        """Wait until the relay has logged `text` (and fail at once if it exited)."""
-        wait_until(lambda: self._running() and text in self.log, timeout,
-                   lambda: f"{text!r} in the relay's log: {self.log[-3000:]}")
-
-    def published(self, timeout: float = 20) -> None:
-        """Wait until a publisher's namespace is known to the relay (subscribing earlier is refused)."""
-        self.wait_log("publishes namespace", timeout)
-
-    def joined(self) -> list[tuple[str, int]]:
-        """(address, slot) of each subscriber connection put on the kernel path, in order."""
-        return [(ip, int(slot)) for ip, slot in
-                re.findall(r"subscriber \('([\d.a-f:]+)', \d+\) on the kernel path \(slot (\d+)\)", self.log)]
-
-    def wait_joined(self, n: int, timeout: float = 20) -> list[tuple[str, int]]:
-        """Wait until `n` subscriber connections are on the kernel path; their (address, slot)."""
-        return wait_until(lambda: self._running() and self.joined(), timeout,
-                          f"{n} subscribers on the kernel path", ok=lambda j: len(j) >= n)
-
-    def left(self) -> list[LeftKernelPath]:
-        """Each subscriber connection that left the kernel path, in order."""
-        return [LeftKernelPath(ip, int(port), int(k), int(u), int(a)) for ip, port, k, u, a in LEFT.findall(self.log)]
-
-    def kernel_lines(self) -> list[tuple[int, int]]:
-        """(packets by the kernel, packets by userspace) of each subscriber that left the kernel path."""
-        return [(s.kernel_packets, s.user_packets) for s in self.left()]
-
-    def acks_read(self) -> list[int]:
-        """How many ACK-only packets the kernel read for each subscriber that left the kernel path."""
-        return [s.acks_read for s in self.left()]
-
-
-@contextmanager
-def relay(lab: Lab, tmp_path, *extra: str, listen: str = "0.0.0.0", datapath: str = "kernel",
-          tc_mode: str | None = None, log_name: str = "relay.log") -> Iterator[Relay]:
-    """A relay in the lab's relay namespace, stopped by SIGTERM on exit: by default on the kernel
-    data path (which needs plaintext QUIC); `tc_mode` forces its TC attach mode (FASTRELAY_TC_MODE:
-    tcx or clsact; default: tcx where the kernel has it)."""
-    log_path = tmp_path / log_name
-    env = {**os.environ, "FASTRELAY_TC_MODE": tc_mode} if tc_mode else None
-    plaintext = ["--insecure-plaintext"] if datapath == "kernel" else []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(exec_argv(lab.relay_ns, fr(
-            "relay", f"moqt://{listen}:{PORT}", "--datapath", datapath, *plaintext, "--state-dir", str(tmp_path),
-            "--metrics", f"127.0.0.1:{METRICS}", "--goaway-grace", "0.2", *extra)),
-            stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
-    r = Relay(proc, log_path)
-    try:
-        r.wait_log("MoQT relay on")
-        yield r
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def publisher(lab: Lab, seconds: float = SECONDS, rate: int = RATE, size: int = SIZE, track: str = "v",
@@ -141,30 +48,6 @@ def subscribers(lab: Lab, i: int, n: int, seconds: float = SECONDS + 8, plaintex
         *(["--insecure-plaintext"] if plaintext else [])]), stdout=subprocess.PIPE, text=True)
 
 
-def metrics(lab: Lab) -> dict[str, float]:
-    """The relay's Prometheus samples, fetched from inside its namespace (where it listens)."""
-    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{METRICS}/metrics').read().decode())"
-    text = subprocess.run(exec_argv(lab.relay_ns, [sys.executable, "-c", code]), capture_output=True, text=True,
-                          check=True).stdout
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def assert_complete(summary: dict, published: int, gop: int = GOP) -> None:
-    """Everything from the group it joined on, byte-exact, once: the distinct objects received
-    number exactly those published from that group's start. (Not the summary's "lost": an
-    estimate from timestamps the publisher stamps from the wall clock, which counts a frame or
-    two lost when a loaded machine made the publisher late, while every object arrived.)"""
-    assert "error" not in summary, summary
-    assert summary["bad"] == 0 and summary["duplicates"] == 0, summary
-    assert summary["last_group"] == (published - 1) // gop, summary
-    assert summary["objects"] == published - summary["first_group"] * gop, summary
-
-
 @pytest.mark.parametrize("fanout", [1, 8, 32])
 def test_every_object_reaches_every_subscriber_through_the_kernel(lab, tmp_path, fanout):
     # the subscribers are Python processes on the same two cores: keep their total load fixed
@@ -180,7 +63,7 @@ def test_every_object_reaches_every_subscriber_through_the_kernel(lab, tmp_path,
     per_sub = r.kernel_lines()
     assert len(results) == fanout
     for summary in results:
-        assert_complete(summary, sent["objects"])
+        assert_complete(summary, sent["objects"], GOP)
     delivered = sum(s["objects"] for s in results)
     fast = m["fastrelay_moq_fast_objects_total"]
     # the kernel carried the subgroups that began after each subscriber joined: all but the
@@ -206,7 +89,7 @@ def test_with_pass_acks_the_subscribers_acks_reach_the_socket_and_nothing_change
         results = [s for p in subs for s in last_json(p)]
         m = metrics(lab)
     for summary in results:
-        assert_complete(summary, sent["objects"])
+        assert_complete(summary, sent["objects"], GOP)
     assert r.acks_read() == [0, 0] and m['fastrelay_moq_kernel_packets_total{counter="acks_absorbed"}'] == 0
     assert all(k > u for k, u in r.kernel_lines()), r.kernel_lines()
 
@@ -230,7 +113,7 @@ def test_loss_on_one_link_is_repaired_and_the_others_are_unaffected(lab, tmp_pat
         loss.close()
     assert dropped > 10
     for summary in (bad_link, *others):
-        assert_complete(summary, sent["objects"])
+        assert_complete(summary, sent["objects"], GOP)
     assert m["fastrelay_moq_fast_objects_total"] > 0
     # the lossy subscriber was on the kernel path from start to end: it joined once, and the
     # kernel sent it as many packets as it sent each clean one (the same stream, bar the

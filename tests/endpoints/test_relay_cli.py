@@ -8,31 +8,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
+from moqtools import LARGEST, free_port, relay_process
 
 from fastrelay.demo import dropped_objects
+from fastrelay.endpoints.endpoint import ConnectFailed, ConnectFailure, MoqtClient
+from fastrelay.endpoints.publisher import publish
+from fastrelay.endpoints.subscriber import subscribe
 from fastrelay.media.h264 import SyntheticSource
 from fastrelay.moq import messages as m
 from fastrelay.moq.data import FetchHeader
-from fastrelay.moq.endpoint import ConnectFailed, ConnectFailure, MoqtClient
 from fastrelay.moq.params import Version
-from fastrelay.moq.publisher import publish
 from fastrelay.moq.session import ObjectReceived, StreamEnded
-from fastrelay.moq.subscriber import subscribe
 from fastrelay.moq.wire import Location
 from fastrelay.quic.tls import self_signed
 
-from .test_relay import LARGEST
-
 NS, TRACK = (b"late", b"join"), b"video"
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_relay_process_serves_metrics_and_stops_cleanly(tmp_path):
@@ -72,30 +64,6 @@ def test_bad_relay_arguments_get_one_clear_line(tmp_path):
                              if args[0] == "relay" else [sys.executable, "-m", "fastrelay", *args],
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 1 and message in res.stderr, (args, res.stderr)
-
-
-@contextmanager
-def relay_process(tmp_path, *args: str, metrics: int | None = None):
-    """`fastrelay relay` on a free loopback port; yields (process, url) once it listens."""
-    port = free_port(socket.SOCK_DGRAM)
-    log = tmp_path / f"relay-{port}.log"
-    extra = ["--metrics", f"127.0.0.1:{metrics}"] if metrics else []
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "fastrelay", "relay", f"moqt://127.0.0.1:{port}",
-                                 "--state-dir", str(tmp_path / "state"), *extra, *args],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        for _ in range(200):
-            if "MoQT relay on" in log.read_text() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, log.read_text()
-        yield proc, f"moqt://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 async def _version_with_ca(url: str, cafile: str) -> Version:

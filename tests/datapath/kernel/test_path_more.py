@@ -2,7 +2,7 @@
 join/leave churn, standard-crypto and plaintext peers side by side, IPv6.
 
 Real relay, publisher and subscriber processes in the lab's namespaces; the helpers of
-test_kernel_path.py start them."""
+test_path.py and labtools start them."""
 
 from __future__ import annotations
 
@@ -13,14 +13,27 @@ import sys
 from collections import Counter
 
 import pytest
-from labtools import fr, lab_name, last_json, received_argv, received_objects, wait_until
+from labtools import (
+    PORT,
+    Relay,
+    assert_complete,
+    broken_subgroups,
+    fr,
+    lab_name,
+    last_json,
+    metrics,
+    received_argv,
+    received_objects,
+    relay,
+    wait_until,
+)
 
 from fastrelay.lab import impair
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import exec_argv
 
-from .conftest import RelayMaps, broken_subgroups
-from .test_kernel_path import GOP, PORT, SIZE, Relay, assert_complete, metrics, publisher, relay, subscribers
+from .conftest import RelayMaps
+from .test_path import GOP, SIZE, publisher, subscribers
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -93,7 +106,7 @@ def test_rate_limited_subscriber_loses_only_low_priority_subgroups(lab, tmp_path
     finally:
         impair.clear(lab.relay_ns, slow.relay_ifname)
     published, last = sent["objects"], (sent["objects"] - 1) // GOP
-    assert_complete(fast, published)
+    assert_complete(fast, published, GOP)
     received = received_objects(got)
     assert got["duplicates"] == 0 and got["bad"] == 0 and len(received) == got["objects"], got
     groups = range(got["first_group"], last + 1)
@@ -155,7 +168,7 @@ def test_join_leave_churn_keeps_the_steady_subscriber_whole_and_leaves_no_map_en
         assert "error" not in summary and summary["objects"] > 0, summary
         # (their "lost" is an estimate that counts the group a session was cut off in)
         assert summary["duplicates"] == summary["bad"] == 0, summary
-    assert_complete(steady, sent["objects"])
+    assert_complete(steady, sent["objects"], GOP)
     # every session took the kernel path and left it again
     assert len(joined) == sessions + 1 and len(left) == sessions + 1, (len(joined), len(left))
 
@@ -176,7 +189,7 @@ def test_standard_crypto_and_plaintext_subscribers_side_by_side(lab, tmp_path):
         objects, groups = aiomoqt_total(other)
         m = metrics(lab)
     for summary in (*results, standard):
-        assert_complete(summary, sent["objects"])
+        assert_complete(summary, sent["objects"], GOP)
     # only the plaintext subscribers were served by the kernel, the others by userspace
     assert on_kernel_path(r) == [lab.subscribers[0].ipv4] * 2, r.log
     assert [k > u for k, u in r.kernel_lines()] == [True, True], r.kernel_lines()
@@ -209,7 +222,7 @@ def test_ipv6(lab, tmp_path):
         m = metrics(lab)
     assert len(results) == 4
     for summary in results:
-        assert_complete(summary, sent["objects"])
+        assert_complete(summary, sent["objects"], GOP)
     assert sorted(on_kernel_path(r)) == sorted(link.ipv6 for link in lab.subscribers[:2] for _ in range(2)), r.log
     delivered = sum(s["objects"] for s in results)
     assert m["fastrelay_moq_fast_objects_total"] >= delivered - 4 * 2 * GOP

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from fastrelay.datapath.kernel.maps import ConnSpec, HandoverReason, KernelMaps, RecordKind, StreamState, Take
 from fastrelay.lab.capture import capture, udp_frames
 from fastrelay.lab.topology import Lab
-from fastrelay.moq.fastpath import ConnSpec, HandoverReason, MoqFastPath, RecordKind, StreamState, Take
 from fastrelay.moq.wire import Writer
 from fastrelay.netns import entered
 
@@ -93,7 +93,7 @@ class Rig:
         with entered(lab.relay_ns):
             idx = {link.relay_ifname: socket.if_nametoindex(link.relay_ifname) for link in lab.links}
             subs = [idx[s.relay_ifname] for s in lab.subscribers]
-            self.fp = MoqFastPath(PORT, ingress=[idx["pub0"], *subs], egress=subs)
+            self.fp = KernelMaps(PORT, ingress=[idx["pub0"], *subs], egress=subs)
             self.relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.relay_sock.bind(("0.0.0.0", PORT))
         self.relay_sock.settimeout(2)

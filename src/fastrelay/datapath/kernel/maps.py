@@ -19,12 +19,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Self
 
-from ..kernel import abi
-from ..kernel.attach import TcLink
-from ..kernel.errors import KernelError
-from ..kernel.features import l4_csum_ipv6_flag
-from ..kernel.libbpf import BPF_NOEXIST, BpfTestRunOpts, check, lib
-from ..kernel.objects import BpfObject
+from ...kernel import abi
+from ...kernel.attach import TcLink
+from ...kernel.errors import KernelError
+from ...kernel.features import l4_csum_ipv6_flag
+from ...kernel.libbpf import BPF_NOEXIST, BpfTestRunOpts, check, lib
+from ...kernel.objects import BpfObject
 
 log = logging.getLogger("fastrelay.fastpath")
 
@@ -110,8 +110,8 @@ def _family(ip: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
 
 
-class MoqFastPath:
-    """Load, attach and steer the MoQT fast path for a relay listening on UDP `port`.
+class KernelMaps:
+    """Load, attach and steer the kernel data path's BPF object for a relay listening on UDP `port`.
 
     `ingress` are the interfaces publishers reach the relay on, `egress` those subscribers
     are reached on (the same interface may be in both). Everything is detached and every

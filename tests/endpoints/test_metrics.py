@@ -4,17 +4,15 @@ import asyncio
 import os
 import socket
 
+from moqtools import NS, TRACK, Publisher, connect, relay_server
 from prometheus_client import CollectorRegistry, generate_latest
 
+from fastrelay.endpoints.endpoint import MoqtClient
+from fastrelay.endpoints.metrics import RelayCollector
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import MoqtClient
-from fastrelay.moq.metrics import RelayCollector
 from fastrelay.moq.params import Version
 from fastrelay.moq.relay import Relay
 from fastrelay.quic.link import SOCKET_BUFFER
-
-from .test_quic_e2e import relay_server
-from .test_relay import NS, TRACK, Publisher, connect
 
 
 def test_metrics_follow_the_relay():

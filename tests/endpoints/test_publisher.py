@@ -7,15 +7,14 @@ import logging
 import time
 
 import pytest
+from moqtools import NS, TRACK, announced, relay_server
 
+from fastrelay.endpoints.endpoint import MoqtClient
+from fastrelay.endpoints.publisher import publish
 from fastrelay.media.h264 import SyntheticSource
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import MoqtClient
 from fastrelay.moq.params import MessageParams
-from fastrelay.moq.publisher import publish
 from fastrelay.moq.relay import Relay
-
-from .test_quic_e2e import NS, TRACK, announced, relay_server
 
 
 async def _publish_done(client: MoqtClient) -> m.PublishDone:

@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..moq.relay import Relay
 from ..quic.link import udp_socket_drops
 from .endpoint import servers_of
-from .relay import Relay
 
 if TYPE_CHECKING:
-    from .kernel_path import KernelPath
+    from ..datapath.kernel.path import KernelDatapath
 
 
 class RelayCollector(Collector):
     """Exposes sessions, tracks, subscribers, objects/bytes in and out, cache hits and drops, and
     what the relay's QUIC sockets ignored or lost."""
 
-    def __init__(self, relay: Relay, kernel: KernelPath | None = None) -> None:
+    def __init__(self, relay: Relay, kernel: KernelDatapath | None = None) -> None:
         self.relay = relay
         self.kernel = kernel
 

@@ -21,9 +21,9 @@ from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
 from aioquic.tls import Epoch
 
+from fastrelay.datapath.kernel.recovery import KernelRecovery, PacketFlags, RecoveryError, ResultFlags, Status
 from fastrelay.kernel import abi
 from fastrelay.kernel.objects import BpfObject
-from fastrelay.moq.recovery_kernel import KernelRecovery, PacketFlags, RecoveryError, ResultFlags, Status
 
 pytestmark = pytest.mark.usefixtures("root")
 

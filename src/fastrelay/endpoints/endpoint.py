@@ -23,15 +23,15 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import AlertDescription
 
+from ..moq import messages as m
+from ..moq.params import ALPN, LEGACY_ALPN, Version
+from ..moq.relay import Peer, Relay
+from ..moq.session import Closed, Event, MessageReceived, MoqtSession, Ready
+from ..moq.wire import ErrorCode
 from ..quic.link import Limits, LinkServer, QuicLink, configuration, serve, size_socket_buffers
-from . import messages as m
-from .params import ALPN, LEGACY_ALPN, Version
-from .relay import Peer, Relay
-from .session import Closed, Event, MessageReceived, MoqtSession, Ready
-from .wire import ErrorCode
 
 if TYPE_CHECKING:
-    from .kernel_path import KernelPath
+    from ..datapath.kernel.path import KernelDatapath
 
 log = logging.getLogger("fastrelay.moq")
 
@@ -147,7 +147,7 @@ class SessionGlue:
             self.on_input()
 
 
-# the servers of each relay, for its metrics (moq/metrics.py)
+# the servers of each relay, for its metrics (endpoints/metrics.py)
 _SERVERS: weakref.WeakKeyDictionary[Relay, list[LinkServer]] = weakref.WeakKeyDictionary()
 
 
@@ -159,7 +159,7 @@ def servers_of(relay: Relay) -> list[LinkServer]:
 async def serve_relay(relay: Relay, host: str, port: int, cert: str, key: str,
                       versions: tuple[Version, ...] = (Version.DRAFT_16, Version.DRAFT_14),
                       limits: Limits | None = None, plaintext: bool = False,
-                      kernel: KernelPath | None = None) -> LinkServer:
+                      kernel: KernelDatapath | None = None) -> LinkServer:
     """Accept MoQT sessions for `relay`; returns the server (close() to stop; LinkServer says what
     it does with junk). `plaintext` offers the insecure plaintext mode (used only with peers that
     offer it too); `kernel` is the kernel data path, which sees every connection."""

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from ..media import loc
 from ..media.h264 import is_synthetic_payload, verify_synthetic_payload
 from ..media.writer import AnnexBWriter
-from . import messages as m
-from .data import FetchHeader
+from ..moq import messages as m
+from ..moq.data import FetchHeader
+from ..moq.params import FilterType, MessageParams, SubscriptionFilter, Version
+from ..moq.session import Closed, GoawayReceived, MessageReceived, ObjectReceived, StreamEnded
 from .endpoint import CONNECT_TIMEOUT_S, MoqtClient
-from .params import FilterType, MessageParams, SubscriptionFilter, Version
-from .session import Closed, GoawayReceived, MessageReceived, ObjectReceived, StreamEnded
 
 log = logging.getLogger("fastrelay.subscribe")
 

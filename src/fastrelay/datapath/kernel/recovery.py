@@ -13,10 +13,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..kernel import abi
-from ..kernel.errors import KernelError
-from ..kernel.libbpf import BpfTestRunOpts, check, lib
-from ..kernel.objects import BpfObject
+from ...kernel import abi
+from ...kernel.errors import KernelError
+from ...kernel.libbpf import BpfTestRunOpts, check, lib
+from ...kernel.objects import BpfObject
 
 
 class Op(enum.IntEnum):

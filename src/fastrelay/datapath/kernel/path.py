@@ -1,7 +1,7 @@
 """The MoQT relay's kernel data path: bpf/moq_fastpath.bpf.c forwards subgroup streams from
 publishers to subscribers; this module keeps every QUIC connection right afterwards.
 
-What the relay core tells it (the `FastPath` hooks of moq/relay.py): which upstream alias
+What the relay core tells it (the `Datapath` hooks of datapath/interface.py): which upstream alias
 is which track, which subscription is established or gone, which upstream stream ended. What
 it does with that:
 
@@ -34,13 +34,14 @@ from dataclasses import dataclass, field, replace
 
 from aioquic.quic.rangeset import RangeSet
 
-from ..kernel import abi
-from ..nexthop import NextHopError, Resolver
-from ..quic import internals
-from ..quic.link import Limits, QuicLink
-from ..quic.registration import ExternalSender, SentStreamFrame
-from .fastpath import ConnSpec, MoqFastPath, RecordKind, StreamState, Take
-from .wire import Writer, varint_size
+from ...kernel import abi
+from ...moq.wire import Writer, varint_size
+from ...nexthop import NextHopError, Resolver
+from ...quic import internals
+from ...quic.link import Limits, QuicLink
+from ...quic.registration import ExternalSender, SentStreamFrame
+from ..interface import Owner
+from .maps import ConnSpec, KernelMaps, RecordKind, StreamState, Take
 
 log = logging.getLogger("fastrelay.kernel_path")
 
@@ -118,7 +119,7 @@ class _Down:
     tracks: dict[int, object] = field(default_factory=dict)  # kernel track id -> relay Downstream
     aliases: dict[int, int] = field(default_factory=dict)  # kernel track id -> alias
     continuations: dict[tuple[int, int], _Continuation] = field(default_factory=dict)  # (up, up stream)
-    claimed: dict[tuple[int, int], str | None] = field(default_factory=dict)  # (up, up stream) -> owns()
+    claimed: dict[tuple[int, int], Owner] = field(default_factory=dict)  # (up, up stream) -> owns()
     open_streams: dict[int, dict[int, int]] = field(default_factory=dict)  # track -> {down stream: next offset}
     registered: dict[int, RangeSet] = field(default_factory=dict)  # down stream -> byte ranges registered
     upstream_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # down stream -> (up, up stream)
@@ -164,7 +165,7 @@ class KernelStats:
     repair_holds: int = 0          # budgets published low so a protected subgroup's repair gets the window
 
 
-class KernelPath:
+class KernelDatapath:
     """Runs the kernel data path of one relay listening on UDP `port` on `interfaces` (ifindexes)."""
 
     TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
@@ -173,7 +174,7 @@ class KernelPath:
 
     def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
                  absorb_acks: bool = True) -> None:
-        self.fp = MoqFastPath(port, ingress=interfaces, egress=interfaces)
+        self.fp = KernelMaps(port, ingress=interfaces, egress=interfaces)
         self.port = port
         self.protect_priority = protect_priority
         self.absorb_acks = absorb_acks
@@ -203,9 +204,9 @@ class KernelPath:
 
     # ---- wiring
     def attach_link(self, link: QuicLink) -> None:
-        """Every relay connection drains the kernel's records before its input is processed."""
-        link.before_input = self._before_input
-        link.after_input = self._after_input
+        """Every relay connection drains the kernel's records before its input is processed (this
+        path is its LinkObserver)."""
+        link.observe(self)
 
     def start(self, loop) -> None:
         """Drain when the kernel wakes us (an absorbed ACK, a filling ring), and drain and publish
@@ -255,7 +256,7 @@ class KernelPath:
         self._netlink.shutdown()
         self.fp.close()
 
-    # ---- relay core hooks (moq/relay.py FastPath)
+    # ---- relay core hooks (datapath/interface.py Datapath)
     def upstream_track(self, peer, alias: int, track, default_priority: int = 128) -> None:
         link = peer.session.transport
         if not getattr(link, "plaintext", False):
@@ -337,24 +338,24 @@ class KernelPath:
             mirror.end()
             self._gc_mirrors()
 
-    def owns(self, ds, peer, stream_id: int) -> str | None:
+    def owns(self, ds, peer, stream_id: int) -> Owner:
         """Whether the kernel delivers upstream stream `stream_id` of `peer` to subscription `ds`
-        ("forward"), dropped it whole under congestion ("dropped"), or leaves it to the relay
-        (None); the kernel decided at the stream's first packet."""
+        (DATAPATH), dropped it whole under congestion (DROPPED), or leaves it to the relay
+        (RELAY); the kernel decided at the stream's first packet."""
         down = self._downs.get(ds.peer.session.transport)
         up = self._ups.get(peer.session.transport)
         if down is None or up is None:
-            return None
+            return Owner.RELAY
         key = (up, stream_id)
         if key in down.claimed:
             return down.claimed[key]
         st = self.fp.claim_for_userspace(down.slot, up, stream_id)
         if st.state == StreamState.SKIPPED:
-            owner = "dropped"
+            owner = Owner.DROPPED
         elif st.state in (StreamState.FORWARD, StreamState.ABANDONED) or key in down.continuations:
-            owner = "forward"
+            owner = Owner.DATAPATH
         else:
-            owner = None
+            owner = Owner.RELAY
         down.claimed[key] = owner
         return owner
 
@@ -421,10 +422,15 @@ class KernelPath:
         self._downs[link] = down
         self._slots[slot] = down
         self._refresh_cids(down)
-        link.stream_allocator = lambda: self._take_stream(down)
         self.stats.connections += 1
         log.info("subscriber %s on the kernel path (slot %d)", peer, slot)
         return down
+
+    def allocate_uni_stream(self, link: QuicLink) -> int | None:
+        """LinkObserver: a kernel-path subscriber connection takes its unidirectional stream ids
+        from the counter it shares with the kernel; any other connection leaves them to aioquic."""
+        down = self._downs.get(link)
+        return None if down is None else self._take_stream(down)
 
     def _take_stream(self, down: _Down) -> int:
         """A unidirectional stream id for userspace on a kernel-path connection (shared counter)."""
@@ -439,7 +445,6 @@ class KernelPath:
                  down.kernel_bytes, down.user_packets, down.user_bytes, down.acks_absorbed)
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
-        link.stream_allocator = None
         for key, waiters in list(self._waiting.items()):
             self._waiting[key] = [w for w in waiters if w[2].down is not down]
             heapq.heapify(self._waiting[key])
@@ -475,7 +480,7 @@ class KernelPath:
                     self.stats.renumbered += 1
                 elif kind == RecordKind.HANDOVER:
                     self._handover(down, rec)
-            if len(records) < MoqFastPath.RING_BUDGET:
+            if len(records) < KernelMaps.RING_BUDGET:
                 break
         for down, batch in acks.items():
             lost = down.ext.packets_lost
@@ -500,8 +505,8 @@ class KernelPath:
         if rec.largest >= batch.largest:
             batch.largest, batch.delay, batch.at = rec.largest, rec.ack_delay, at
 
-    def _before_input(self, link: QuicLink) -> None:
-        """Before a datagram reaches aioquic: every record applied (an ACK in it for a number the
+    def before_input(self, link: QuicLink) -> None:
+        """LinkObserver: before a datagram reaches aioquic: every record applied (an ACK in it for a number the
         kernel handed out whose packet is not registered yet is held: the allocation probe)."""
         self.drain()
 
@@ -730,7 +735,8 @@ class KernelPath:
         self.fp.forget_ended(time.monotonic() - ENDED_STREAM_GRACE_S)
 
     # ---- budgets
-    def _after_input(self, link: QuicLink) -> None:
+    def after_input(self, link: QuicLink) -> None:
+        """LinkObserver: after a datagram, continue and send what it released, publish budgets."""
         self._flush()
         down = self._downs.get(link)
         if down is not None:

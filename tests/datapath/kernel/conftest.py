@@ -1,14 +1,5 @@
-"""Shared helpers of the MoQT tests.
-
-- In-memory session pairs for deterministic protocol tests (no sockets): Pipe, pair().
-- For the lab tests (real processes in network namespaces): waiting on observable state instead
-  of sleeping (wait_until), per-process lab names, a subscriber that lists every object it
-  received, the whole-subgroup loss check, and the MoQT relay's BPF state read from outside its
-  process (programs, links, typed map entries).
-
-The helpers lab tests in every folder share are in tests/labtools.py (imported here for the
-MoQT tests too).
-"""
+"""Helpers of the kernel data path's lab tests: the MoQT relay's BPF state read from outside
+its process (programs, links, typed map entries)."""
 
 from __future__ import annotations
 
@@ -22,76 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fastrelay.kernel import abi
-from fastrelay.moq.params import Version
-from fastrelay.moq.session import MoqtSession
 from fastrelay.netns import exec_argv
-
-
-class Pipe:
-    """One side of an in-memory QUIC-like connection; delivers synchronously to its peer."""
-
-    def __init__(self, client: bool) -> None:
-        self.client = client
-        self.peer: Pipe | None = None
-        self.session: MoqtSession | None = None
-        self._next = {False: 0 if client else 1, True: 2 if client else 3}
-        self.closed_with: tuple[int, str] | None = None
-        self.stopped: list[tuple[int, int]] = []
-        self.backlog_bytes = 0  # what backlog() reports: tests make a subscriber "slow" with it
-        self.window_bytes = 1 << 30
-
-    def backlog(self) -> int:
-        return self.backlog_bytes
-
-    def send_window(self) -> int:
-        return self.window_bytes
-
-    def open_stream(self, unidirectional: bool) -> int:
-        sid = self._next[unidirectional]
-        self._next[unidirectional] += 4
-        return sid
-
-    def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
-        self.peer.session.stream_data(stream_id, data, fin)
-
-    def send_datagram(self, data: bytes) -> None:
-        self.peer.session.datagram(data)
-
-    def reset(self, stream_id: int, code: int) -> None:
-        self.peer.session.stream_reset(stream_id, code)
-
-    def stop(self, stream_id: int, code: int) -> None:
-        self.stopped.append((stream_id, code))
-
-    def close(self, code: int = 0, reason: str = "") -> None:
-        self.closed_with = (code, reason)
-        self.peer.session.terminated(code, reason)
-
-
-def pair(version: Version, window: int = 8):
-    c, s = Pipe(True), Pipe(False)
-    c.peer, s.peer = s, c
-    cev, sev = [], []
-    c.session = MoqtSession(c, client=True, version=version, on_event=cev.append, max_request_id=window)
-    s.session = MoqtSession(s, client=False, version=version, on_event=sev.append, max_request_id=window)
-    c.session.start()
-    return c, s, cev, sev
-
-
-def broken_subgroups(received: set[tuple[int, int]], gop: int) -> dict[int, list[int]]:
-    """Groups whose dependent frames (objects 1.., subgroup 1 of the synthetic publisher) did not
-    arrive as one unbroken run from the group's start: {group: the dependent objects received}.
-
-    A relay that drops a subgroup whole, or gives one up part way (its stream reset), leaves
-    1..k; an object missing with later ones of its subgroup delivered means something dropped
-    single objects inside a subgroup."""
-    broken = {}
-    for group in {g for g, _ in received}:
-        deps = sorted(o for g, o in received if g == group and 1 <= o < gop)
-        if deps != list(range(1, len(deps) + 1)):
-            broken[group] = deps
-    return broken
-
 
 # ---- the MoQT relay's BPF state, from outside its process ---------------------------------------
 

@@ -29,12 +29,12 @@ from typing import Literal
 
 from ..media import loc
 from ..media.h264 import Frame, FrameSource, Gop
-from . import messages as m
-from .data import Object, subgroup_header_for
+from ..moq import messages as m
+from ..moq.data import Object, subgroup_header_for
+from ..moq.params import MessageParams, Version
+from ..moq.session import GoawayReceived, MessageReceived, SubgroupWriter
+from ..moq.wire import Location
 from .endpoint import CONNECT_TIMEOUT_S, MoqtClient
-from .params import MessageParams, Version
-from .session import GoawayReceived, MessageReceived, SubgroupWriter
-from .wire import Location
 
 log = logging.getLogger("fastrelay.publish")
 

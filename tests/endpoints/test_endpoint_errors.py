@@ -16,16 +16,15 @@ import pytest
 from aioquic.asyncio import serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.events import QuicEvent, StreamDataReceived
+from moqtools import free_port, relay_process
 
 from fastrelay.cli import parser
+from fastrelay.endpoints.endpoint import ALPN_OF, CONNECT_TIMEOUT_S, ConnectFailed, ConnectFailure, MoqtClient
 from fastrelay.moq import messages as m
-from fastrelay.moq.endpoint import ALPN_OF, CONNECT_TIMEOUT_S, ConnectFailed, ConnectFailure, MoqtClient
 from fastrelay.moq.params import Version
 from fastrelay.moq.wire import ErrorCode
 from fastrelay.quic.link import configuration
 from fastrelay.quic.tls import self_signed
-
-from .test_relay_cli import free_port, relay_process
 
 FR = [sys.executable, "-m", "fastrelay"]
 CLIENT_ARGS = {"publish": ["-N", "a/b", "-T", "t", "--source", "synthetic"], "subscribe": ["-N", "a/b", "-T", "t"]}
