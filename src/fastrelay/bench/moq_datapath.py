@@ -503,15 +503,19 @@ def notes(cases: list[Case], failed: list[dict[str, object]]) -> list[str]:
         " wake-ups/s: voluntary context switches (/proc/PID/task/*/status voluntary_ctxt_switches) of all"
         " threads of the relay process per second, each a thread that blocked (the event loop's epoll_wait,"
         " mostly) and was woken; involuntary switches (preemptions) are in --json as"
-        " nonvoluntary_switches_per_s; fastrelay's metrics thread adds about 2/s; BPF ns/packet: that BPF run"
-        " time per delivered media packet, kernel paths only.")
+        " nonvoluntary_switches_per_s; fastrelay's metrics thread adds about 2/s; a saturated relay rarely"
+        " blocks, so few wake-ups with many involuntary switches mean saturation, not thrift; BPF ns/packet: that"
+        " BPF run time per delivered media packet, kernel paths only, an upper bound: the egress program runs"
+        " inside the ingress program's bpf_clone_redirect, so a clone's egress run time is counted in both and"
+        " the ingress run time includes the kernel's work transmitting the clone.")
     if any(c.datapath in peers.PEERS for c in cases):
         out.append(
             "aiomoqt and moq-dev rows: their relays (bench/peers.py) in the same relay namespace at the same offered"
             " load, with the same fastrelay publisher and subscribers on standard QUIC crypto (the peers do not"
             " speak the plaintext mode). Their payloads are encrypted, so the probes cannot see the tag: delay"
             " n/a, and their media packets/s delivered counts every packet the relay sent out of its"
-            " subscriber-facing interfaces (interface tx_packets: media plus a few ACK and control packets).")
+            " subscriber-facing interfaces (interface tx_packets: media plus the relay's ACK and control packets,"
+            " the excess over objects/s delivered; their CPU per packet reads low by that share).")
     return out
 
 
