@@ -469,7 +469,8 @@ def parser() -> argparse.ArgumentParser:
                          help="MoQT relay, kernel vs userspace data path (lab, BPF delay probes)")
     bd.add_argument("--fanouts", default=None, help="comma-separated fan-outs (default 1,8,32,128)")
     bd.add_argument("--datapaths", default=None,
-                    help="comma-separated: kernel, userspace, kernel-pass-acks (default kernel,userspace)")
+                    help="comma-separated: kernel, userspace, kernel-pass-acks, and the peers' relays aiomoqt,"
+                         " moq-dev (default kernel,userspace)")
     bd.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     be.set_defaults(fn=_bench)
     return p

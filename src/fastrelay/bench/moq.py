@@ -5,8 +5,8 @@ fixed rate, and one process holding N subscriber sessions. Reported per case: de
 objects/s, end-to-end latency p50/p99 (subscriber clock minus the publisher's send-time
 extension, same host), relay CPU per delivered object (schedstat of the relay process) and
 objects lost. Relays: fastrelay on the chosen data path (`--datapath`) and, where installed,
-aiomoqt's and moq-dev's (userspace; moq-dev's is its `moq` package's Server with one origin for
-publishing and subscribing, run by this module, as moq-relay does).
+aiomoqt's and moq-dev's (userspace, launched by bench/peers.py; moq-dev's is its `moq` package's
+Server with one origin for publishing and subscribing, as moq-relay does).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from ..lab.cpu import process_cpu_s
+from . import peers
+from .peers import PEERS
 from .report import replace_section, table
 
 NS, TRACK = "bench/moq", "synthetic"
 # `fastrelay relay` arguments per data path the benchmark can run it on
 DATAPATHS: dict[str, tuple[str, ...]] = {"userspace": ()}
-# the other relays: name -> the distribution it needs (the dev extras install both)
-PEERS = {"aiomoqt": "aiomoqt", "moq-dev": "moq-rs"}
 
 
 @dataclass
@@ -66,33 +66,12 @@ def relay_command(name: str, port: int, state: str, datapath: str = "userspace")
             raise ValueError(f"data path {datapath!r}: choose from {', '.join(DATAPATHS)}")
         return [sys.executable, "-m", "fastrelay", "relay", f"moqt://127.0.0.1:{port}", "--state-dir", state,
                 "--drafts", "16", *DATAPATHS[datapath]]
-    if name not in PEERS:
-        raise ValueError(f"unknown relay {name!r}")
-    from ..quic.tls import self_signed
-
-    cert, key = self_signed(["127.0.0.1"])
-    Path(state, "c.pem").write_bytes(cert)
-    Path(state, "k.pem").write_bytes(key)
-    if name == "aiomoqt":
-        return [sys.executable, "-m", "aiomoqt.tools.moq_interop_relay", "--bind", "127.0.0.1", "--port", str(port),
-                "--cert", f"{state}/c.pem", "--key", f"{state}/k.pem", "--quic", "--draft", "16"]
-    # moq-dev's server offers every draft it speaks; fastrelay's publisher and subscribers pick 16
-    return [sys.executable, "-m", "fastrelay.bench.moq", "moq-dev-relay", f"127.0.0.1:{port}",
-            "--cert", f"{state}/c.pem", "--key", f"{state}/k.pem"]
+    return peers.relay_command(name, "127.0.0.1", port, state)
 
 
 def available_relays() -> list[str]:
     """fastrelay, plus each other relay whose distribution is installed."""
-    import importlib.metadata
-
-    def installed(dist: str) -> bool:
-        try:
-            importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return False
-        return True
-
-    return ["fastrelay"] + [name for name, dist in PEERS.items() if installed(dist)]
+    return ["fastrelay"] + [name for name in PEERS if peers.installed(name)]
 
 
 def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, datapath: str = "userspace") -> MoqCase:
@@ -102,7 +81,7 @@ def run_case(relay: str, fanout: int, rate: float, size: int, seconds: float, da
     datapath = datapath if relay == "fastrelay" else "userspace"
     with tempfile.TemporaryDirectory() as state:
         rproc = subprocess.Popen(relay_command(relay, port, state, datapath), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+                                 stderr=subprocess.DEVNULL, env=peers.relay_env() if relay in PEERS else None)
         procs = [rproc]
         try:
             time.sleep(1.5)
@@ -152,15 +131,6 @@ async def _subscribers(url: str, n: int, seconds: float) -> list[dict]:
         return {"objects": r.objects, "latencies": r.latencies_ms}
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
-
-
-async def _moq_dev_relay(bind: str, cert: str, key: str) -> None:
-    """moq-dev's relay: every session publishes into and subscribes from one origin."""
-    import moq
-
-    origin = moq.OriginProducer()
-    async with moq.Server(bind, tls_cert=[cert], tls_key=[key], publish=origin, subscribe=origin) as server:
-        await server.serve()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -237,19 +207,12 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-if __name__ == "__main__":  # the other processes of a case: its subscribers, or moq-dev's relay
+if __name__ == "__main__":  # the other process of a case: its subscribers (moq-dev's relay: bench/peers.py)
     p = argparse.ArgumentParser()
     role = p.add_subparsers(dest="role", required=True)
     sp = role.add_parser("subscribers")
     sp.add_argument("n", type=int)
     sp.add_argument("--url", required=True)
     sp.add_argument("--seconds", type=float, required=True)
-    rp = role.add_parser("moq-dev-relay")
-    rp.add_argument("bind", help="HOST:PORT")
-    rp.add_argument("--cert", required=True)
-    rp.add_argument("--key", required=True)
     a = p.parse_args()
-    if a.role == "subscribers":
-        print(json.dumps(asyncio.run(_subscribers(a.url, a.n, a.seconds))))
-    else:
-        asyncio.run(_moq_dev_relay(a.bind, a.cert, a.key))
+    print(json.dumps(asyncio.run(_subscribers(a.url, a.n, a.seconds))))

@@ -163,6 +163,7 @@ class KernelStats:
     refused: int = 0               # connections that stayed on the userspace path
     acks_absorbed: int = 0         # subscribers' ACK-only packets applied from kernel records
     repair_holds: int = 0          # budgets published low so a protected subgroup's repair gets the window
+    records: int = 0               # ring-buffer records drained (SENT, RENUMBERED, HANDOVER, ACK)
 
 
 class KernelDatapath:
@@ -459,6 +460,7 @@ class KernelDatapath:
         acks: dict[_Down, _AckBatch] = {}
         while True:
             records = self.fp.drain()
+            self.stats.records += len(records)
             for rec in records:
                 down = self._slots.get(rec.slot)
                 if down is None or down.spec is None:
