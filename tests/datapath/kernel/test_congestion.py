@@ -24,7 +24,7 @@ The tests hold:
   not yet (see the xfail's reason).
 
 Real relay, publisher and subscriber processes in the lab's namespaces; the helpers of
-test_kernel_path.py start them."""
+test_path.py start them."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from labtools import fr, lab_name, last_json
+from labtools import PORT, Relay, fr, lab_name, last_json, metrics, relay
 
 from fastrelay.lab import impair
 from fastrelay.lab.topology import Lab
 from fastrelay.netns import exec_argv
 
-from .test_kernel_path import PORT, Relay, metrics, publisher, relay
+from .test_path import publisher
 
 pytestmark = pytest.mark.usefixtures("root")
 
