@@ -19,7 +19,9 @@
  * fr_moq_take (syscall): userspace's atomic changes to the shared counters.
  *
  * fr_moq_recover (syscall): RFC 9002 loss recovery and NewReno of a connection (moq/recovery.h):
- * a packet sent, an ACK, the loss detection timer; lost ranges and the next timer come back.
+ * userspace's calls (set up, its own packets sent, ACKs it read, the timer); lost ranges and the
+ * next timer come back. On kernel-recovery connections the egress registers the packets it
+ * builds and the ingress applies the ACK-only packets it reads, in the same state.
  */
 #include "moq/maps.h"
 #include "moq/parse.h"
@@ -37,6 +39,9 @@ FR_EXPORT_BTF(struct fr_moq_sent, moq_sent);
 FR_EXPORT_BTF(struct fr_moq_renumbered, moq_renumbered);
 FR_EXPORT_BTF(struct fr_moq_handover, moq_handover);
 FR_EXPORT_BTF(struct fr_moq_ack, moq_ack);
+FR_EXPORT_BTF(struct fr_moq_lost, moq_lost);
+FR_EXPORT_BTF(struct fr_moq_timer, moq_timer);
+FR_EXPORT_BTF(enum fr_moq_lost_flags, moq_lost_flags);
 FR_EXPORT_BTF(enum fr_moq_record_kind, moq_record_kind);
 FR_EXPORT_BTF(enum fr_moq_handover_reason, moq_handover_reason);
 FR_EXPORT_BTF(enum fr_moq_counter, moq_counter);
@@ -189,7 +194,7 @@ int fr_moq_recover(struct fr_moq_recover_args *a)
 	}
 	/* the stages work on the slot's copy: a syscall program's context cannot be passed on */
 	__builtin_memcpy(io, a, offsetof(struct fr_moq_recover_args, status));
-	ret = lr_run(slot, io->op);
+	ret = lr_run_locked(slot, io->op);
 	io->status = ret;
 	__builtin_memcpy(&a->status, &io->status,
 			 sizeof(*a) - offsetof(struct fr_moq_recover_args, status));

@@ -99,6 +99,8 @@ FR_MOQ_MAX_RECOVERY_CONNS = 256
 FR_MOQ_SENT_SLOTS = 1024
 FR_MOQ_RTT_SAMPLES = 5
 FR_MOQ_LR_MAX_RANGES = 16
+FR_MOQ_PKT_FRAMES = 2
+FR_MOQ_USER_ACK_EVERY = 64
 s64 = ctypes.c_int64
 
 
@@ -160,7 +162,8 @@ class MoqConn(ctypes.Structure):
         ("stream_window", u64),
         ("skip_below", s64),
         ("absorb_acks", u8),
-        ("pad2", u8 * 7),
+        ("recovery", u8),
+        ("pad2", u8 * 6),
     ]
 
 
@@ -314,11 +317,49 @@ class MoqRecovery(ctypes.Structure):
         ("acked_total", u64),
         ("lost_total", u64),
         ("expired_total", u64),
+        ("user_outstanding", u64),
+        ("absorbed", u64),
+        ("timer_at", u64),
+        ("busy", u64),
+        ("ack_delay_exponent", u32),
+        ("pad2", u32),
     ]
 
 
+class MoqPktFrame(ctypes.Structure):
+    _fields_ = [("stream", u64), ("offset", u64), ("len", u16), ("fin", u8), ("pad", u8 * 5)]
+
+
+class MoqLost(ctypes.Structure):
+    _fields_ = [
+        ("kind", u8),
+        ("flags", u8),
+        ("nframes", u8),
+        ("pad", u8),
+        ("slot", u32),
+        ("gen", u32),
+        ("bytes", u32),
+        ("pn", u64),
+        ("frames", MoqPktFrame * FR_MOQ_PKT_FRAMES),
+    ]
+
+
+class MoqTimer(ctypes.Structure):
+    _fields_ = [("kind", u8), ("pad", u8 * 3), ("slot", u32), ("gen", u32), ("pad2", u32), ("time_ns", u64)]
+
+
 class MoqSentPkt(ctypes.Structure):
-    _fields_ = [("pn", u64), ("sent_time", u64), ("gen", u32), ("bytes", u16), ("flags", u8), ("state", u8)]
+    _fields_ = [
+        ("pn", u64),
+        ("sent_time", u64),
+        ("gen", u32),
+        ("bytes", u16),
+        ("flags", u8),
+        ("state", u8),
+        ("nframes", u8),
+        ("pad", u8 * 7),
+        ("frames", MoqPktFrame * FR_MOQ_PKT_FRAMES),
+    ]
 
 
 class MoqSentTable(ctypes.Structure):

@@ -109,15 +109,18 @@ LAYOUTS: dict[str, Layouts] = {
             "FR_MOQ_REC_RENUMBERED": (abi.MoqRenumbered, "fr_moq_renumbered"),
             "FR_MOQ_REC_HANDOVER": (abi.MoqHandover, "fr_moq_handover"),
             "FR_MOQ_REC_ACK": (abi.MoqAck, "fr_moq_ack"),
+            "FR_MOQ_REC_LOST": (abi.MoqLost, "fr_moq_lost"),
+            "FR_MOQ_REC_TIMER": (abi.MoqTimer, "fr_moq_timer"),
         }),
         "fr_moq_scratch": PrivateMap(),
         "fr_moq_rec": MapLayout(_u32, abi.MoqRecovery),
         "fr_moq_rec_sent": MapLayout(_u32, abi.MoqSentTable),
         "fr_moq_rec_io": MapLayout(_u32, abi.MoqRecoverArgs),
+        "fr_moq_rec_timer": PrivateMap(),
         abi.FR_MOQ_LIMITS: Constants({name: getattr(abi, name) for name in (
             "FR_MOQ_CID_LEN", "FR_MOQ_MAX_FRAMES", "FR_MOQ_MAX_ACK_RANGES", "FR_MOQ_MAX_SUBS", "FR_MOQ_MAX_CONNS",
             "FR_MOQ_MAX_TRACK_IDS", "FR_MOQ_MAX_RECOVERY_CONNS", "FR_MOQ_SENT_SLOTS", "FR_MOQ_RTT_SAMPLES",
-            "FR_MOQ_LR_MAX_RANGES")}),
+            "FR_MOQ_LR_MAX_RANGES", "FR_MOQ_PKT_FRAMES", "FR_MOQ_USER_ACK_EVERY")}),
     },
 }
 

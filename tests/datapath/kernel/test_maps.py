@@ -17,6 +17,7 @@ import time
 import pytest
 
 from fastrelay.datapath.kernel.maps import ConnSpec, HandoverReason, KernelMaps, RecordKind, StreamState, Take
+from fastrelay.datapath.kernel.recovery import KernelRecovery, PacketFlags
 from fastrelay.lab.capture import capture, udp_frames
 from fastrelay.lab.topology import Lab
 from fastrelay.moq.wire import Writer
@@ -108,12 +109,12 @@ class Rig:
 
     def add_sub(self, i: int, alias: int, *, next_stream: int, budget: int = 1 << 20, credit: int = 1 << 20,
                 max_stream: int = 4 * 100 + 3, window: int = 1 << 20, protect: int = 0,
-                absorb_acks: bool = False) -> int:
+                absorb_acks: bool = False, recovery: bool = False) -> int:
         link = self.lab.subscribers[i]
         spec = ConnSpec(ifindex=self.idx[link.relay_ifname], src_mac=link.relay_mac, dst_mac=link.mac,
                         src=(link.relay_ipv4, PORT), dst=(link.ipv4, SUB_PORT), dcid=bytes([0xA0 + i]) * 8,
                         max_stream=max_stream, stream_window=window, protect_priority=protect,
-                        absorb_acks=absorb_acks)
+                        absorb_acks=absorb_acks, recovery=recovery)
         slot = self.fp.add_conn(spec, next_pn=1000 * (i + 1), next_stream=next_stream, budget=budget, credit=credit)
         self.fp.subscribe(slot, TRACK, alias)
         self.slots.append(slot)
@@ -415,5 +416,98 @@ def test_a_subscribers_ack_only_packets_become_records_and_everything_else_goes_
     finally:
         sub.close()
         other_port.close()
+        rig.fp.remove_conn(slot)
+        rig.slots.remove(slot)
+
+
+def _records(rig, kind: RecordKind, want: int, timeout: float = 2.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += [r for r in rig.fp.drain() if r.kind == kind]
+        time.sleep(0.01)
+    return got
+
+
+def test_kernel_recovery_tracks_sent_packets_applies_acks_and_reports_only_losses(rig):
+    """A connection whose loss recovery runs in the kernel: the egress registers each packet it
+    builds (a SENT record only where a stream starts or ends), the ingress applies the peer's
+    ACK-only packets there and drops them; userspace hears of lost kernel packets (with their
+    frames), of ACKs only while its own packets are outstanding, and of the timer."""
+    slot = rig.add_sub(0, alias=9, next_stream=3, absorb_acks=True, recovery=True)
+    rec = KernelRecovery(rig.fp.obj)
+    rec.init(slot, gen=rig.fp.generation(slot), first_pn=1000, max_datagram_size=1200,
+             max_ack_delay_ns=25_000_000, initial_rtt_ns=100_000_000, ack_delay_exponent=3)
+    host = bytes.fromhex("c0c0c0c0c0c0c0c0")
+    rig.fp.host_cid(slot, host)
+    link = rig.lab.subscribers[0]
+    with entered(link.netns):
+        sub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sub.bind((link.ipv4, SUB_PORT))
+    try:
+        rig.fp.drain()
+        head = subgroup_header(ALIAS, 1, 0x20)
+        chunks = [head + b"\x00\x40" + bytes(64)] + [bytes([i]) * 100 for i in range(1, 6)]
+        off = 0
+        for i, chunk in enumerate(chunks):
+            rig.send(short_packet(UP_CID, 20 + i, stream_frame(2, off, chunk, fin=i == len(chunks) - 1)))
+            off += len(chunk)
+        got = rig.received(0, len(chunks))
+        assert len(got) == len(chunks)
+        sizes = {parse_frames(f["payload"])[0]: len(f["payload"]) for f in got}
+        assert sorted(sizes) == list(range(1000, 1006))
+        sent = [r for r in rig.fp.drain() if r.kind == RecordKind.SENT]
+        assert [r.pn for r in sent] == [1000, 1005]            # the stream's start and its end only
+        st = rec.state(slot)
+        assert (st.sent_end, st.ack_eliciting_in_flight, st.bytes_in_flight) == (1006, 6, sum(sizes.values()))
+        table = rec.outstanding(slot)
+        assert sorted(table) == list(range(1000, 1006))
+        assert all(p.flags & PacketFlags.KERNEL and p.nframes == 1 and p.frames[0].stream == 3 for p in table.values())
+        assert table[1005].frames[0].fin == 1 and table[1001].frames[0].offset == table[1000].frames[0].len
+
+        # 1003..1005 acknowledged: applied in the kernel, 1000..1002 lost by the packet threshold
+        sub.sendto(short_packet(host, 1, ack_frame(1005, 0, [])), (link.relay_ipv4, PORT))
+        lost = _records(rig, RecordKind.LOST, 3)
+        assert [r.pn for r in lost] == [1000, 1001, 1002]
+        assert [(r.frames[0].stream, r.frames[0].offset, r.frames[0].len) for r in lost] == [
+            (3, table[pn].frames[0].offset, table[pn].frames[0].len) for pn in (1000, 1001, 1002)]
+        assert not any(r.flags for r in lost)                  # congestion losses, frames in the record
+        rig.relay_sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            rig.relay_sock.recvfrom(4096)                      # the ACK never came up
+        rig.relay_sock.settimeout(2)
+        st = rec.state(slot)
+        assert (st.acked_total, st.lost_total, st.bytes_in_flight, st.ack_eliciting_in_flight) == (3, 3, 0, 0)
+        assert st.srtt > 0 and st.ssthresh == st.cwnd          # an RTT sample, and a congestion event
+        assert not [r for r in rig.fp.drain() if r.kind == RecordKind.ACK]
+
+        # a packet userspace built (registered from its record): ACKs go up while it is outstanding
+        pn = rig.fp.take(slot, Take.PN, 1)
+        rec.sent(slot, pn, time.monotonic_ns(), 100, PacketFlags.ACK_ELICITING | PacketFlags.IN_FLIGHT)
+        assert rec.state(slot).user_outstanding == 1
+        sub.sendto(short_packet(host, 2, ack_frame(pn, 0, [])), (link.relay_ipv4, PORT))
+        acks = _records(rig, RecordKind.ACK, 1)
+        assert [a.largest for a in acks] == [pn] and rec.state(slot).user_outstanding == 0
+        # acknowledged before userspace registered it: the registration counts nothing in flight
+        early = rig.fp.take(slot, Take.PN, 1)
+        sub.sendto(short_packet(host, 3, ack_frame(early, 0, [])), (link.relay_ipv4, PORT))
+        deadline = time.monotonic() + 2
+        while rec.state(slot).absorbed < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rec.sent(slot, early, time.monotonic_ns(), 100, PacketFlags.ACK_ELICITING | PacketFlags.IN_FLIGHT)
+        assert (rec.state(slot).user_outstanding, rec.state(slot).bytes_in_flight) == (0, 0)
+
+        # one more kernel packet, never acknowledged: the bpf_timer fires, the probe gives it up
+        rig.send(short_packet(UP_CID, 40, stream_frame(6, 0, subgroup_header(ALIAS, 2, 0x20) + b"x")))
+        (timer,) = _records(rig, RecordKind.TIMER, 1, timeout=5)
+        assert timer.slot == slot
+        result = rec.expire(slot, time.monotonic_ns())
+        assert result.expired == 1
+        (probe,) = _records(rig, RecordKind.LOST, 1)
+        assert probe.flags == 1 and probe.frames[0].stream == 7   # FR_MOQ_LOST_EXPIRED; the next stream id
+        assert rig.fp.counters()["lr_timers"] >= 1
+    finally:
+        sub.close()
+        rec.forget(slot)
         rig.fp.remove_conn(slot)
         rig.slots.remove(slot)

@@ -175,6 +175,9 @@ enum fr_moq_limits {
 	FR_MOQ_SENT_SLOTS = 1024,      /* sent packets tracked per such connection; power of two (pn & mask) */
 	FR_MOQ_RTT_SAMPLES = 5,        /* HyStart RTT monitor window (aioquic's QuicRttMonitor) */
 	FR_MOQ_LR_MAX_RANGES = 16,     /* acked / lost ranges one fr_moq_recover call reports */
+	FR_MOQ_PKT_FRAMES = 2,         /* stream frames a sent packet's entry holds (more: in its SENT record) */
+	FR_MOQ_USER_ACK_EVERY = 64,    /* one absorbed ACK-only packet in this many still goes up (aioquic's
+	                                * view of the peer's packet numbers stays fresh) */
 };
 
 struct fr_moq_cid {
@@ -268,8 +271,9 @@ struct fr_moq_conn {
 	__u64 max_stream;            /* first server-unidirectional stream id the peer does not allow */
 	__u64 stream_window;         /* peer's initial MAX_STREAM_DATA for our unidirectional streams */
 	__s64 skip_below;            /* congestion: budget under which the kernel stops sending (see the egress) */
-	__u8 absorb_acks;            /* ACK-only packets from the peer become ACKED records (see the ingress) */
-	__u8 pad2[7];
+	__u8 absorb_acks;            /* ACK-only packets from the peer are read by the kernel (see the ingress) */
+	__u8 recovery;               /* loss recovery and congestion control run in the kernel (fr_moq_rec[slot]) */
+	__u8 pad2[6];
 };
 
 /* fr_moq_state[slot]: counters shared by kernel and userspace, changed only atomically
@@ -277,7 +281,9 @@ struct fr_moq_conn {
 struct fr_moq_state {
 	__u64 next_pn;               /* next packet number on the wire */
 	__u64 next_stream;           /* next server-unidirectional stream id */
-	__s64 budget;                /* congestion window bytes the kernel may still send */
+	__s64 budget;                /* congestion window bytes the kernel may still send; with kernel
+	                              * recovery: added to cwnd - bytes in flight (userspace holds back
+	                              * low-priority subgroups with a negative value) */
 	__s64 credit;                /* connection flow-control bytes the kernel may still send */
 	__u64 packets;               /* sent by the kernel */
 	__u64 bytes;
@@ -337,6 +343,8 @@ enum fr_moq_record_kind {
 	FR_MOQ_REC_RENUMBERED,         /* a userspace packet left with another number */
 	FR_MOQ_REC_HANDOVER,           /* a stream handed to userspace */
 	FR_MOQ_REC_ACK,                /* an ACK-only packet of the peer, read and dropped */
+	FR_MOQ_REC_LOST,               /* kernel recovery: a kernel-built packet was lost or given up for a probe */
+	FR_MOQ_REC_TIMER,              /* kernel recovery: a connection's loss detection timer fired */
 };
 
 /* One STREAM or DATAGRAM frame of a SENT packet. */
@@ -405,6 +413,41 @@ struct fr_moq_ack_range {
 	__u64 largest;
 };
 
+/* A stream frame a sent packet carried (kernel recovery keeps FR_MOQ_PKT_FRAMES per packet). */
+struct fr_moq_pkt_frame {
+	__u64 stream;                  /* downstream stream id */
+	__u64 offset;
+	__u16 len;
+	__u8 fin;
+	__u8 pad[5];
+};
+
+enum fr_moq_lost_flags {
+	FR_MOQ_LOST_EXPIRED = 1,       /* given up for a probe (PTO), not a congestion loss */
+	FR_MOQ_LOST_RECORDED = 2,      /* frames not here: in the packet's SENT record */
+};
+
+struct fr_moq_lost {
+	__u8 kind;                     /* FR_MOQ_REC_LOST */
+	__u8 flags;                    /* enum fr_moq_lost_flags */
+	__u8 nframes;
+	__u8 pad;
+	__u32 slot;
+	__u32 gen;
+	__u32 bytes;
+	__u64 pn;
+	struct fr_moq_pkt_frame frames[FR_MOQ_PKT_FRAMES];
+};
+
+struct fr_moq_timer {
+	__u8 kind;                     /* FR_MOQ_REC_TIMER */
+	__u8 pad[3];
+	__u32 slot;
+	__u32 gen;
+	__u32 pad2;
+	__u64 time_ns;
+};
+
 struct fr_moq_ack {
 	__u8 kind;                     /* FR_MOQ_REC_ACK */
 	__u8 nranges;                  /* highest range first */
@@ -421,8 +464,8 @@ struct fr_moq_ack {
 /* ---------------------------------------------------------------- kernel loss recovery
  * RFC 9002 1-RTT loss recovery and NewReno, as aioquic's QuicPacketRecovery with "reno" (see
  * moq/recovery.h), per recovery slot (< FR_MOQ_MAX_RECOVERY_CONNS). Times in ns
- * (CLOCK_MONOTONIC), 0 = none unless said otherwise. Memory: fr_moq_rec 256 x 304 B (76 KiB),
- * fr_moq_rec_sent 256 x 24 KiB (6 MiB), fr_moq_rec_io 256 x 896 B (224 KiB). A connection has at
+ * (CLOCK_MONOTONIC), 0 = none unless said otherwise. Memory: fr_moq_rec 256 x 344 B (86 KiB),
+ * fr_moq_rec_sent 256 x 72 KiB (18 MiB), fr_moq_rec_io 256 x 896 B (224 KiB). A connection has at
  * most FR_MOQ_SENT_SLOTS packets outstanding (1.2 MB at 1200 bytes: 100 Mbit/s at 100 ms RTT);
  * a SENT beyond is refused (FR_MOQ_LR_E_FULL) and the sender must wait.
  */
@@ -462,12 +505,19 @@ struct fr_moq_recovery {
 	__u64 acked_total;           /* packets acknowledged, declared lost, expired by a PTO */
 	__u64 lost_total;
 	__u64 expired_total;
+	__u64 user_outstanding;      /* packets userspace built that are outstanding (ACKs go up for them) */
+	__u64 absorbed;              /* the peer's ACK-only packets applied in the kernel */
+	__u64 timer_at;              /* when the armed bpf_timer fires, 0 = not armed */
+	__u64 busy;                  /* a call is working on the slot (taken by compare-and-swap) */
+	__u32 ack_delay_exponent;    /* the peer's, for ACK frames read in the kernel */
+	__u32 pad2;
 };
 
 enum fr_moq_pkt_flags {
 	FR_MOQ_PKT_ACK_ELICITING = 1,
 	FR_MOQ_PKT_IN_FLIGHT = 2,
-	FR_MOQ_PKT_KERNEL = 4,       /* built by the kernel (its frames are in a SENT record) */
+	FR_MOQ_PKT_KERNEL = 4,       /* built by the kernel (its stream frames are in the entry) */
+	FR_MOQ_PKT_RECORDED = 8,     /* ... more of them than the entry holds: in its SENT record */
 };
 
 enum fr_moq_pkt_state {
@@ -485,7 +535,10 @@ struct fr_moq_sent_pkt {
 	__u32 gen;
 	__u16 bytes;
 	__u8 flags;                  /* enum fr_moq_pkt_flags */
-	__u8 state;                  /* enum fr_moq_pkt_state */
+	__u8 state;                  /* enum fr_moq_pkt_state; written last by a sender */
+	__u8 nframes;                /* stream frames below (KERNEL) */
+	__u8 pad[7];
+	struct fr_moq_pkt_frame frames[FR_MOQ_PKT_FRAMES];
 };
 
 /* fr_moq_rec_sent[slot]: packet pn at pkts[pn & (FR_MOQ_SENT_SLOTS - 1)] */
@@ -495,10 +548,13 @@ struct fr_moq_sent_table {
 
 enum fr_moq_lr_op {
 	FR_MOQ_LR_INIT = 0,          /* gen, pn = first number, bytes = max datagram size,
-	                              * ack_delay_ns = max_ack_delay, initial_rtt_ns */
+	                              * ack_delay_ns = max_ack_delay, initial_rtt_ns,
+	                              * flags = the peer's ack_delay_exponent */
 	FR_MOQ_LR_SENT,              /* pn, time_ns, bytes, flags */
 	FR_MOQ_LR_ACK,               /* ranges (highest first, disjoint), ack_delay_ns, time_ns = now */
 	FR_MOQ_LR_TIMEOUT,           /* time_ns = now: the loss detection timer fired */
+	FR_MOQ_LR_EXPIRE,            /* time_ns = now: the slot's bpf_timer fired: TIMEOUT if the loss
+	                              * detection time has come, else the timer is armed again */
 };
 
 enum fr_moq_lr_status {
@@ -507,6 +563,8 @@ enum fr_moq_lr_status {
 	FR_MOQ_LR_E_ARGS,            /* malformed ranges, an ACK of a number never sent, bad INIT values */
 	FR_MOQ_LR_E_FULL,            /* pn >= base + FR_MOQ_SENT_SLOTS: not registered */
 	FR_MOQ_LR_E_PN,              /* pn below base or already outstanding */
+	FR_MOQ_LR_E_BUSY,            /* another call works on the slot: try again */
+	FR_MOQ_LR_ACKED_EARLY,       /* SENT: its ACK came first (nothing counted in flight) */
 };
 
 enum fr_moq_lr_flags {
@@ -574,6 +632,11 @@ enum fr_moq_counter {
 	FR_MQ_RINGBUF_FULL,          /* packet not sent: no room for its record */
 	FR_MQ_ACKS_ABSORBED,         /* ACK-only packets of kernel-path subscribers turned into records */
 	FR_MQ_ACKS_PASSED_BUSY,      /* ... passed up instead: the ring was filling (the relay is behind) */
+	FR_MQ_LR_BUSY,               /* ACK-only packets passed up: the connection's recovery was busy */
+	FR_MQ_LR_LOST,               /* kernel-built packets declared lost (LOST records) */
+	FR_MQ_LR_EXPIRED,            /* kernel-built packets given up for a probe */
+	FR_MQ_LR_TIMERS,             /* loss detection timers fired */
+	FR_MQ_LR_FULL,               /* streams handed over: the sent-packet table was full */
 	FR_MQ_MAX,
 };
 

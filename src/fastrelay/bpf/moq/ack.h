@@ -2,14 +2,17 @@
 /*
  * Ingress, subscriber side: a 1-RTT packet to the relay's current connection id on a
  * kernel-path subscriber connection, from that subscriber's validated address, holding one ACK
- * frame and nothing but PADDING. Its ranges go to userspace as an ACK record (applied to the
- * connection's loss recovery without the packet climbing the stack) and the packet is dropped.
- * Anything else goes up untouched.
+ * frame and nothing but PADDING, is read and dropped. With the connection's recovery in the
+ * kernel it is applied there (moq/recovery.h), and goes to userspace as an ACK record only while
+ * packets userspace built are outstanding; without, every one becomes an ACK record (applied
+ * to aioquic's loss recovery without the packet climbing the stack). Anything else goes up
+ * untouched.
  */
 #ifndef FR_MOQ_ACK_H
 #define FR_MOQ_ACK_H
 
 #include "moq/varint.h"
+#include "moq/recovery.h"
 
 /* Reading position in the ACK frame, across bpf_loop steps. */
 struct ack_ctx {
@@ -116,6 +119,7 @@ GLOBAL int fr_moq_absorb_ack(struct __sk_buff *skb, struct fr_udp_pkt *p, struct
 	struct scratch *s = scratch();
 	__u32 slot, n;
 	__u64 size;
+	int ret;
 
 	if (!skb || !p || !cid || !s)
 		return TC_ACT_UNSPEC;
@@ -147,13 +151,23 @@ GLOBAL int fr_moq_absorb_ack(struct __sk_buff *skb, struct fr_udp_pkt *p, struct
 	s->ack.gen = hs->gen;
 	s->ack.bytes = plen;
 	s->ack.time_ns = bpf_ktime_get_ns();
+	if (conn->recovery) {
+		/* the kernel's recovery takes it; userspace hears of it only for its own packets */
+		ret = fr_lr_absorb(slot, hs->gen);
+		if (ret < 0 || ret & 2)
+			return TC_ACT_UNSPEC;
+		count(FR_MQ_ACKS_ABSORBED);
+		if (!(ret & 1))
+			return TC_ACT_SHOT;
+	}
 	n = s->ack.nranges > FR_MOQ_MAX_ACK_RANGES ? FR_MOQ_MAX_ACK_RANGES : s->ack.nranges;
 	size = offsetof(struct fr_moq_ack, ranges) + n * sizeof(struct fr_moq_ack_range);
 	if (bpf_ringbuf_output(&fr_moq_events, &s->ack, size, BPF_RB_FORCE_WAKEUP)) {
 		count(FR_MQ_RINGBUF_FULL);
 		return TC_ACT_UNSPEC;
 	}
-	count(FR_MQ_ACKS_ABSORBED);
+	if (!conn->recovery)
+		count(FR_MQ_ACKS_ABSORBED);
 	return TC_ACT_SHOT;
 }
 

@@ -12,6 +12,7 @@
 
 #include "moq/varint.h"
 #include "moq/rewrite.h"
+#include "moq/recovery.h"
 
 static __always_inline void copy_in(struct scratch *s, __u32 from, __u32 n)
 {
@@ -69,7 +70,7 @@ static __always_inline struct fr_moq_dstream *open_stream(struct scratch *s, str
 		ds.state = FR_MOQ_DS_NOT_JOINED;
 		count(FR_MQ_NOT_JOINED);
 	} else if (f->priority > conn->protect_priority &&
-		   (st->budget < conn->skip_below || st->next_stream + 4 * FR_MOQ_STREAM_RESERVE >= conn->max_stream)) {
+		   (s->bs.budget < conn->skip_below || st->next_stream + 4 * FR_MOQ_STREAM_RESERVE >= conn->max_stream)) {
 		/* congested, or short of stream credit: the last streams are kept for protected subgroups */
 		ds.state = FR_MOQ_DS_SKIPPED;
 		count(FR_MQ_SKIP_CONGESTION);
@@ -134,10 +135,14 @@ GLOBAL int fr_moq_build_frame(__u32 i)
 		hdr = 1 + varint_len(sid) + (down_off ? varint_len(down_off) : 0) + 2;
 		/* congested: a started low-priority subgroup goes no further (userspace resets it);
 		 * protected ones (keyframes: small, and what the rest depends on) keep going */
-		if (st->budget < conn->skip_below && f->priority > conn->protect_priority)
+		if (s->bs.budget < conn->skip_below && f->priority > conn->protect_priority)
 			reason = FR_MOQ_HO_CONGESTION;
 		else if (down_off + dlen > ds->limit || st->credit < (__s64)dlen)
 			reason = FR_MOQ_HO_FLOW;
+		else if (s->bs.full) {
+			reason = FR_MOQ_HO_FLOW;      /* no room to track its packet: userspace continues */
+			count(FR_MQ_LR_FULL);
+		}
 	} else {
 		dlen = f->len - f->alias_len + s->bs.alias_len;
 		type = 0x31;
@@ -189,6 +194,8 @@ GLOBAL int fr_moq_build_frame(__u32 i)
 	rec->fin = f->fin;
 	rec->datagram = dgram;
 	s->bs.nout++;
+	if (!dgram && (!down_off || f->fin))
+		s->bs.notable = 1;
 	return 0;
 }
 
@@ -207,12 +214,14 @@ GLOBAL int fr_moq_build_clone(struct __sk_buff *skb, __u32 slot)
 {
 	struct scratch *s = scratch();
 	struct fr_moq_dsub_key dkey = {};
+	struct fr_moq_sent_table *tb = NULL;
+	struct fr_moq_recovery *rec = NULL;
 	struct fr_moq_dsub *dsub;
 	struct fr_moq_conn *conn;
 	struct fr_moq_state *st;
 	struct fr_udp_pkt p = {};
 	__u32 len, i;
-	__u64 pn;
+	__u64 pn, now;
 
 	if (!skb || !s)
 		return TC_ACT_SHOT;
@@ -232,6 +241,20 @@ GLOBAL int fr_moq_build_clone(struct __sk_buff *skb, __u32 slot)
 	if (bpf_ringbuf_query(&fr_moq_events, BPF_RB_AVAIL_DATA) > FR_MOQ_RING_SIZE - RB_SEND_HEADROOM) {
 		count(FR_MQ_RINGBUF_FULL);   /* not sent: without its record it could not be registered */
 		return TC_ACT_SHOT;
+	}
+	s->bs.budget = st->budget;
+	s->bs.full = 0;
+	s->bs.notable = 0;
+	if (conn->recovery) {
+		/* the window the kernel's own congestion control leaves (userspace may lower it) */
+		rec = bpf_map_lookup_elem(&fr_moq_rec, &slot);
+		tb = bpf_map_lookup_elem(&fr_moq_rec_sent, &slot);
+		if (!rec || !tb || rec->gen != conn->gen) {
+			count(FR_MQ_ERR);
+			return TC_ACT_SHOT;
+		}
+		s->bs.budget = (__s64)rec->cwnd - (__s64)rec->bytes_in_flight + st->budget;
+		s->bs.full = st->next_pn - rec->base >= FR_MOQ_SENT_SLOTS - 2 * FR_MOQ_MAX_SUBS;
 	}
 	s->bs.slot = slot;
 	s->bs.alias = dsub->alias;
@@ -276,12 +299,19 @@ GLOBAL int fr_moq_build_clone(struct __sk_buff *skb, __u32 slot)
 		count(FR_MQ_ERR);
 		return TC_ACT_SHOT;
 	}
-	__sync_fetch_and_add(&st->budget, -(__s64)len);
+	now = bpf_ktime_get_ns();
+	s->sent.nframes = s->bs.nout;
+	s->sent.time_ns = now;
+	if (rec && tb) {
+		lr_register(s, rec, tb, slot, pn, len, now);
+		if (s->bs.nout > FR_MOQ_PKT_FRAMES || s->bs.notable)
+			emit_sent(s);             /* a stream starts or ends, or frames the entry cannot hold */
+	} else {
+		__sync_fetch_and_add(&st->budget, -(__s64)len);
+		emit_sent(s);
+	}
 	__sync_fetch_and_add(&st->packets, 1);
 	__sync_fetch_and_add(&st->bytes, len);
-	s->sent.nframes = s->bs.nout;
-	s->sent.time_ns = bpf_ktime_get_ns();
-	emit_sent(s);
 	count(FR_MQ_SENT);
 	count_n(FR_MQ_SENT_BYTES, len);
 	return TC_ACT_OK;

@@ -164,7 +164,9 @@ struct build_state {
 	__u32 limit;                 /* largest payload (tag included) */
 	__u8 alias_len;
 	__u8 nout;                   /* frames written (sent.frames[]) */
-	__u8 pad[2];
+	__u8 notable;                /* a frame starts or ends a stream: userspace needs the SENT record */
+	__u8 full;                   /* kernel recovery: the sent-packet table has no room */
+	__s64 budget;                /* congestion window bytes left (negative: over) */
 };
 
 /* The egress runs synchronously inside the ingress's bpf_clone_redirect on the same CPU,

@@ -2,7 +2,7 @@
 /*
  * RFC 9002 loss recovery and NewReno for one 1-RTT packet number space, in the kernel: what
  * aioquic's QuicPacketRecovery does with congestion_control_algorithm="reno", with the handshake
- * confirmed and the peer's address validated, held to it by tests/moq/test_recovery_kernel.py.
+ * confirmed and the peer's address validated, held to it by tests/datapath/kernel/test_recovery.py.
  *
  * State per recovery slot: fr_moq_rec (RTT, timers, window), fr_moq_rec_sent (a ring of
  * FR_MOQ_SENT_SLOTS sent packets indexed by pn & mask, an entry valid while its gen is the
@@ -15,7 +15,18 @@
  * (3 rttvar + |min - latest|) / 4, the first rttvar = latest / 2 and the loss delay 9/8 of the
  * RTT round down to the nanosecond (aioquic's floats do not), so a decision lands on the other
  * side only when a time is within a few nanoseconds of its threshold. The PTO backoff shift is
- * capped at 2^16. One slot's calls must not run concurrently (the caller serialises them).
+ * capped at 2^16.
+ *
+ * Concurrency: the egress registers the packets it builds without a lock (each number is its
+ * own entry, written before the packet leaves, its state last; the in-flight counters and
+ * sent_end change atomically). Everything else on a slot (an ACK, the timer, userspace's
+ * calls) holds the slot's `busy` word, taken by compare-and-swap: a bpf_spin_lock cannot be
+ * held across the bpf_loop walks. A taker that finds it busy does not wait: an ACK-only
+ * packet goes up instead (aioquic hands its ACK down again), userspace tries again.
+ *
+ * Timer: one bpf_timer per slot (fr_moq_rec_timer), armed at the loss detection time; when it
+ * fires it only wakes userspace (a TIMER record), which runs FR_MOQ_LR_EXPIRE: the timeout if
+ * it is due, else the timer armed again.
  */
 #ifndef FR_MOQ_RECOVERY_H
 #define FR_MOQ_RECOVERY_H
@@ -31,6 +42,9 @@
 #define LR_INITIAL_WINDOW 10
 #define LR_MINIMUM_WINDOW 2
 #define LR_MAX_BACKOFF 16
+#ifndef CLOCK_MONOTONIC
+#define CLOCK_MONOTONIC 1                /* bpf_ktime_get_ns's clock */
+#endif
 
 _Static_assert((FR_MOQ_SENT_SLOTS & LR_MASK) == 0, "FR_MOQ_SENT_SLOTS must be a power of two");
 _Static_assert((FR_MOQ_MAX_ACK_RANGES & LR_RANGE_MASK) == 0, "FR_MOQ_MAX_ACK_RANGES must be a power of two");
@@ -58,6 +72,20 @@ struct {
 	__type(value, struct fr_moq_recover_args);
 } fr_moq_rec_io SEC(".maps");
 
+/* fr_moq_rec_timer[slot] (kernel only) */
+struct lr_timer {
+	struct bpf_timer t;
+	__u32 gen;                   /* the slot generation it was set up for */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FR_MOQ_MAX_RECOVERY_CONNS);
+	__type(key, __u32);
+	__type(value, struct lr_timer);
+} fr_moq_rec_timer SEC(".maps");
+
 struct lr {
 	struct fr_moq_recovery *st;
 	struct fr_moq_sent_table *tb;
@@ -75,6 +103,45 @@ static __always_inline int lr_get(__u32 slot, struct lr *c)
 
 static __always_inline __u64 lr_max(__u64 a, __u64 b) { return a > b ? a : b; }
 static __always_inline __u64 lr_min(__u64 a, __u64 b) { return a < b ? a : b; }
+
+static __always_inline int lr_lock(struct fr_moq_recovery *st)
+{
+	return __sync_val_compare_and_swap(&st->busy, 0, 1) == 0;
+}
+
+static __always_inline void lr_unlock(struct fr_moq_recovery *st)
+{
+	__sync_fetch_and_and(&st->busy, 0);
+}
+
+/* The in-flight counters change atomically: the egress adds to them without the lock. */
+static __always_inline void lr_add(__u64 *v, __s64 d)
+{
+	__sync_fetch_and_add(v, d);
+}
+
+/* sent_end = max(sent_end, end), against concurrent senders. */
+static __always_inline void lr_raise(__u64 *v, __u64 end)
+{
+	__u64 old = *v;
+
+	for (int i = 0; i < 8 && old < end; i++) {
+		__u64 seen = __sync_val_compare_and_swap(v, old, end);
+
+		if (seen == old)
+			break;
+		old = seen;
+	}
+}
+
+/* One past the largest number the connection handed out: the egress's counter when the slot
+ * is a kernel-path connection's (it may run ahead of sent_end while a packet is being built). */
+static __always_inline __u64 lr_allocated(__u32 slot, struct fr_moq_recovery *st)
+{
+	struct fr_moq_state *cs = bpf_map_lookup_elem(&fr_moq_state, &slot);
+
+	return cs ? lr_max(cs->next_pn, st->sent_end) : st->sent_end;
+}
 
 static __always_inline struct fr_moq_sent_pkt *lr_outstanding(struct lr *c, __u64 pn)
 {
@@ -122,6 +189,8 @@ GLOBAL int fr_lr_init(__u32 slot)
 	if (!c.io->gen || mds < 64 || mds > 65535 || !c.io->initial_rtt_ns)
 		return FR_MOQ_LR_E_ARGS;
 	__builtin_memset(c.st, 0, sizeof(*c.st));
+	c.st->busy = 1;                           /* the caller holds it */
+	c.st->ack_delay_exponent = c.io->flags & 0x1f;
 	c.st->gen = c.io->gen;
 	c.st->base = c.io->pn;
 	c.st->sent_end = c.io->pn;
@@ -155,20 +224,24 @@ GLOBAL int fr_lr_sent(__u32 slot)
 	if (lr_outstanding(&c, pn))
 		return FR_MOQ_LR_E_PN;
 	e = &c.tb->pkts[BOUNDED(pn, LR_MASK)];
+	if (e->pn == pn && e->gen == c.st->gen && e->state == FR_MOQ_PKT_ACKED)
+		return FR_MOQ_LR_ACKED_EARLY;         /* registered after its ACK (see fr_lr_ack_step) */
 	e->pn = pn;
 	e->sent_time = c.io->time_ns;
 	e->gen = c.st->gen;
 	e->bytes = c.io->bytes;
 	e->flags = flags;
+	e->nframes = 0;
 	e->state = FR_MOQ_PKT_OUTSTANDING;
-	if (pn >= c.st->sent_end)
-		c.st->sent_end = pn + 1;
+	lr_raise(&c.st->sent_end, pn + 1);
+	if (!(flags & FR_MOQ_PKT_KERNEL))
+		lr_add(&c.st->user_outstanding, 1);
 	if (flags & FR_MOQ_PKT_ACK_ELICITING)
-		c.st->ack_eliciting_in_flight++;
+		lr_add(&c.st->ack_eliciting_in_flight, 1);
 	if (flags & FR_MOQ_PKT_IN_FLIGHT) {
 		if (flags & FR_MOQ_PKT_ACK_ELICITING)
 			c.st->time_of_last_ack_eliciting = lr_max(c.st->time_of_last_ack_eliciting, c.io->time_ns);
-		c.st->bytes_in_flight += c.io->bytes;
+		lr_add(&c.st->bytes_in_flight, c.io->bytes);
 	}
 	return FR_MOQ_LR_OK;
 }
@@ -187,7 +260,7 @@ GLOBAL int fr_lr_ack_check(__u32 slot)
 	n = c.io->nranges;
 	if (n < 1 || n > FR_MOQ_MAX_ACK_RANGES)
 		return FR_MOQ_LR_E_ARGS;
-	if (c.io->ranges[0].largest >= c.st->sent_end)
+	if (c.io->ranges[0].largest >= lr_allocated(slot, c.st))
 		return FR_MOQ_LR_E_ARGS;          /* acknowledges a number never sent */
 	for (i = 0; i < FR_MOQ_MAX_ACK_RANGES; i++) {
 		if (i >= n)
@@ -211,6 +284,7 @@ struct lr_ack_walk {
 	__u32 slot;
 	__s32 ri;                    /* range being walked (nranges - 1 down to 0) */
 	__u64 pn;
+	__u64 end;                   /* numbers handed out (lr_allocated) */
 	__u64 largest_newly;
 	__u64 largest_sent_time;
 	__u8 any;                    /* something newly acked */
@@ -224,7 +298,7 @@ static __always_inline void lr_cc_acked(struct fr_moq_recovery *st, struct fr_mo
 {
 	__u64 count;
 
-	st->bytes_in_flight -= e->bytes;
+	lr_add(&st->bytes_in_flight, -(__s64)e->bytes);
 	if (e->sent_time <= st->recovery_start)
 		return;                           /* no increase during congestion recovery */
 	if (!st->ssthresh || st->cwnd < st->ssthresh) {
@@ -249,11 +323,11 @@ GLOBAL int fr_lr_ack_step(struct lr_ack_walk *w)
 	struct lr c;
 	__u64 lo, hi, pn;
 
-	if (!w || w->ri < 0 || w->ri >= FR_MOQ_MAX_ACK_RANGES || lr_get(w->slot, &c) || !c.st->sent_end)
+	if (!w || w->ri < 0 || w->ri >= FR_MOQ_MAX_ACK_RANGES || lr_get(w->slot, &c) || !w->end)
 		return 1;
 	r = &c.io->ranges[BOUNDED(w->ri, LR_RANGE_MASK)];
 	lo = lr_max(r->smallest, c.st->base);
-	hi = lr_min(r->largest, c.st->sent_end - 1);
+	hi = lr_min(r->largest, w->end - 1);
 	pn = lr_max(w->pn, lo);
 	if (pn > hi) {
 		w->ri--;
@@ -262,12 +336,24 @@ GLOBAL int fr_lr_ack_step(struct lr_ack_walk *w)
 	}
 	w->pn = pn + 1;
 	e = lr_outstanding(&c, pn);
-	if (!e)
+	if (!e) {
+		e = &c.tb->pkts[BOUNDED(pn, LR_MASK)];
+		if (pn - c.st->base < FR_MOQ_SENT_SLOTS && (e->pn != pn || e->gen != c.st->gen)) {
+			/* handed out, not registered yet (userspace registers its own packets from
+			 * their records): its registration finds it acknowledged */
+			e->pn = pn;
+			e->gen = c.st->gen;
+			e->flags = 0;
+			e->state = FR_MOQ_PKT_ACKED;
+		}
 		return 0;
+	}
 	e->state = FR_MOQ_PKT_ACKED;
+	if (!(e->flags & FR_MOQ_PKT_KERNEL))
+		lr_add(&c.st->user_outstanding, -1);
 	if (e->flags & FR_MOQ_PKT_ACK_ELICITING) {
 		w->eliciting = 1;
-		c.st->ack_eliciting_in_flight--;
+		lr_add(&c.st->ack_eliciting_in_flight, -1);
 	}
 	if (e->flags & FR_MOQ_PKT_IN_FLIGHT)
 		lr_cc_acked(c.st, e);
@@ -365,6 +451,28 @@ GLOBAL int fr_lr_rtt_sample(__u32 slot, struct lr_ack_walk *w)
 }
 
 /* ---------------------------------------------------------------- loss detection */
+/* A packet declared lost or given up: a kernel-built one is reported (userspace re-sends its
+ * bytes from the relay's cache); userspace's own are aioquic's to detect. */
+static __always_inline void lr_gone(struct lr *c, struct fr_moq_sent_pkt *e, __u8 flags)
+{
+	struct fr_moq_lost rec = { .kind = FR_MOQ_REC_LOST };
+
+	if (!(e->flags & FR_MOQ_PKT_KERNEL)) {
+		lr_add(&c->st->user_outstanding, -1);
+		return;
+	}
+	rec.flags = flags | (e->flags & FR_MOQ_PKT_RECORDED ? FR_MOQ_LOST_RECORDED : 0);
+	rec.nframes = e->nframes;
+	rec.slot = c->io->slot;
+	rec.gen = e->gen;
+	rec.bytes = e->bytes;
+	rec.pn = e->pn;
+	__builtin_memcpy(rec.frames, e->frames, sizeof(rec.frames));
+	count(flags & FR_MOQ_LOST_EXPIRED ? FR_MQ_LR_EXPIRED : FR_MQ_LR_LOST);
+	if (bpf_ringbuf_output(&fr_moq_events, &rec, sizeof(rec), BPF_RB_FORCE_WAKEUP))
+		count(FR_MQ_RINGBUF_FULL);
+}
+
 struct lr_loss_walk {
 	__u32 slot;
 	__u8 split;                  /* an outstanding packet kept since the last lost one */
@@ -411,10 +519,11 @@ GLOBAL int fr_lr_loss_step(struct lr_loss_walk *w)
 		return 0;
 	}
 	e->state = FR_MOQ_PKT_LOST;
+	lr_gone(&c, e, 0);
 	if (e->flags & FR_MOQ_PKT_ACK_ELICITING)
-		c.st->ack_eliciting_in_flight--;
+		lr_add(&c.st->ack_eliciting_in_flight, -1);
 	if (e->flags & FR_MOQ_PKT_IN_FLIGHT) {
-		c.st->bytes_in_flight -= e->bytes;
+		lr_add(&c.st->bytes_in_flight, -(__s64)e->bytes);
 		w->lost_cc = 1;
 		w->lost_largest_time = e->sent_time;
 	}
@@ -530,9 +639,10 @@ GLOBAL int fr_lr_pto_step(struct lr_pto_walk *w)
 		return 0;
 	}
 	e->state = FR_MOQ_PKT_EXPIRED;
-	c.st->ack_eliciting_in_flight--;
+	lr_gone(&c, e, FR_MOQ_LOST_EXPIRED);
+	lr_add(&c.st->ack_eliciting_in_flight, -1);
 	if (e->flags & FR_MOQ_PKT_IN_FLIGHT)
-		c.st->bytes_in_flight -= e->bytes;
+		lr_add(&c.st->bytes_in_flight, -(__s64)e->bytes);
 	if (!w->base_found) {
 		w->base_found = 1;
 		c.st->base = pn + 1;
@@ -574,22 +684,27 @@ GLOBAL int fr_lr_pto_end(__u32 slot, struct lr_pto_walk *w)
 }
 
 /* ---------------------------------------------------------------- results */
-/* get_loss_detection_time and the state the caller gets back. */
+/* get_loss_detection_time: 0 = none. */
+static __always_inline __u64 lr_timer(struct fr_moq_recovery *st)
+{
+	__u32 shift;
+
+	if (st->loss_time)
+		return st->loss_time;
+	if (!st->ack_eliciting_in_flight)
+		return 0;
+	shift = st->pto_count < LR_MAX_BACKOFF ? st->pto_count : LR_MAX_BACKOFF;
+	return st->time_of_last_ack_eliciting + (lr_pto(st) << (shift & 31));
+}
+
+/* The loss detection timer and the state the caller gets back. */
 GLOBAL int fr_lr_finish(__u32 slot)
 {
 	struct lr c;
-	__u64 timer = 0;
-	__u32 shift;
 
 	if (lr_get(slot, &c))
 		return 0;
-	if (c.st->loss_time) {
-		timer = c.st->loss_time;
-	} else if (c.st->ack_eliciting_in_flight) {
-		shift = c.st->pto_count < LR_MAX_BACKOFF ? c.st->pto_count : LR_MAX_BACKOFF;
-		timer = c.st->time_of_last_ack_eliciting + (lr_pto(c.st) << (shift & 31));
-	}
-	c.io->timer_ns = timer;
+	c.io->timer_ns = lr_timer(c.st);
 	c.io->base = c.st->base;
 	c.io->cwnd = c.st->cwnd;
 	c.io->bytes_in_flight = c.st->bytes_in_flight;
@@ -608,12 +723,98 @@ GLOBAL int fr_lr_begin(__u32 slot)
 	return FR_MOQ_LR_OK;
 }
 
-/* One operation on slot (its argument already in fr_moq_rec_io[slot]); a status. */
-static __always_inline int lr_run(__u32 slot, __u32 op)
+/* on_ack_received for the ACK in fr_moq_rec_io[slot]; a status. */
+GLOBAL int fr_lr_ack(__u32 slot)
 {
 	struct lr_ack_walk aw = {};
+	struct lr c;
+	int ret;
+
+	ret = fr_lr_ack_check(slot);
+	if (ret)
+		return ret;
+	if (lr_get(slot, &c))
+		return FR_MOQ_LR_E_SLOT;
+	aw.slot = slot;
+	aw.ri = c.io->nranges - 1;
+	aw.end = lr_allocated(slot, c.st);
+	bpf_loop(FR_MOQ_SENT_SLOTS + FR_MOQ_MAX_ACK_RANGES + 1, lr_ack_cb, &aw, 0);
+	if (!aw.any)
+		return FR_MOQ_LR_OK;         /* nothing newly acked: nothing more (aioquic returns) */
+	fr_lr_rtt_sample(slot, &aw);
+	lr_detect_loss(slot);
+	if (lr_get(slot, &c))
+		return FR_MOQ_LR_E_SLOT;
+	c.st->pto_count = 0;
+	return FR_MOQ_LR_OK;
+}
+
+/* on_loss_detection_timeout; a status. */
+GLOBAL int fr_lr_timeout(__u32 slot)
+{
 	struct lr_pto_walk pw = {};
 	struct lr c;
+
+	if (lr_get(slot, &c) || c.st->gen != c.io->gen || !c.st->gen)
+		return FR_MOQ_LR_E_SLOT;
+	if (c.st->loss_time) {
+		lr_detect_loss(slot);
+		return FR_MOQ_LR_OK;
+	}
+	if (!fr_lr_pto_begin(slot, &pw))
+		bpf_loop(FR_MOQ_SENT_SLOTS + 1, lr_pto_cb, &pw, 0);
+	fr_lr_pto_end(slot, &pw);
+	return FR_MOQ_LR_OK;
+}
+
+/* ---------------------------------------------------------------- the slot's bpf_timer */
+static int lr_timer_cb(void *map, __u32 *key, struct lr_timer *v)
+{
+	struct fr_moq_timer rec = { .kind = FR_MOQ_REC_TIMER };
+	struct fr_moq_recovery *st;
+	__u32 slot = *key;
+
+	st = bpf_map_lookup_elem(&fr_moq_rec, &slot);
+	if (!st || !st->gen || st->gen != v->gen)
+		return 0;
+	st->timer_at = 0;
+	rec.slot = slot;
+	rec.gen = st->gen;
+	rec.time_ns = bpf_ktime_get_ns();
+	count(FR_MQ_LR_TIMERS);
+	if (bpf_ringbuf_output(&fr_moq_events, &rec, sizeof(rec), BPF_RB_FORCE_WAKEUP))
+		count(FR_MQ_RINGBUF_FULL);
+	return 0;
+}
+
+/* Arm the slot's timer to fire at `at` (CLOCK_MONOTONIC ns; 0: disarm). */
+GLOBAL int fr_lr_arm(__u32 slot, __u64 at)
+{
+	struct fr_moq_recovery *st = bpf_map_lookup_elem(&fr_moq_rec, &slot);
+	struct lr_timer *v = bpf_map_lookup_elem(&fr_moq_rec_timer, &slot);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!st || !v || !st->gen)
+		return 0;
+	if (v->gen != st->gen) {
+		bpf_timer_init(&v->t, &fr_moq_rec_timer, CLOCK_MONOTONIC);   /* -EBUSY once set up: fine */
+		v->gen = st->gen;
+	}
+	st->timer_at = at;
+	if (!at)
+		return 0;                /* left armed: a timer that finds nothing due only wakes userspace */
+	/* the callback again before every start: on this kernel a timer that was cancelled or
+	 * fired may have lost it (bpf_timer_start then fails with -EINVAL) */
+	bpf_timer_set_callback(&v->t, lr_timer_cb);
+	return bpf_timer_start(&v->t, at > now ? at - now : 0, 0) != 0;
+}
+
+/* One operation on slot (its argument already in fr_moq_rec_io[slot]), holding its lock; a
+ * status. The timer follows the result. */
+static __always_inline int lr_run(__u32 slot, __u32 op)
+{
+	struct lr c;
+	__u64 due;
 	int ret;
 
 	ret = fr_lr_begin(slot);
@@ -627,39 +828,118 @@ static __always_inline int lr_run(__u32 slot, __u32 op)
 		ret = fr_lr_sent(slot);
 		break;
 	case FR_MOQ_LR_ACK:
-		ret = fr_lr_ack_check(slot);
-		if (ret)
-			return ret;
-		if (lr_get(slot, &c))
-			return FR_MOQ_LR_E_SLOT;
-		aw.slot = slot;
-		aw.ri = c.io->nranges - 1;
-		bpf_loop(FR_MOQ_SENT_SLOTS + FR_MOQ_MAX_ACK_RANGES + 1, lr_ack_cb, &aw, 0);
-		if (!aw.any)
-			break;               /* nothing newly acked: nothing more (aioquic returns) */
-		fr_lr_rtt_sample(slot, &aw);
-		lr_detect_loss(slot);
-		if (lr_get(slot, &c))
-			return FR_MOQ_LR_E_SLOT;
-		c.st->pto_count = 0;
+		ret = fr_lr_ack(slot);
 		break;
 	case FR_MOQ_LR_TIMEOUT:
+		ret = fr_lr_timeout(slot);
+		break;
+	case FR_MOQ_LR_EXPIRE:
 		if (lr_get(slot, &c) || c.st->gen != c.io->gen || !c.st->gen)
 			return FR_MOQ_LR_E_SLOT;
-		if (c.st->loss_time) {
-			lr_detect_loss(slot);
-			break;
-		}
-		if (!fr_lr_pto_begin(slot, &pw))
-			bpf_loop(FR_MOQ_SENT_SLOTS + 1, lr_pto_cb, &pw, 0);
-		fr_lr_pto_end(slot, &pw);
+		due = lr_timer(c.st);
+		if (due && due <= c.io->time_ns)
+			ret = fr_lr_timeout(slot);
 		break;
 	default:
 		return FR_MOQ_LR_E_ARGS;
 	}
-	if (!ret)
-		fr_lr_finish(slot);
+	if (ret && ret != FR_MOQ_LR_ACKED_EARLY)
+		return ret;
+	fr_lr_finish(slot);
+	if (op != FR_MOQ_LR_INIT && lr_get(slot, &c) == 0 && (op != FR_MOQ_LR_SENT || !c.st->timer_at))
+		fr_lr_arm(slot, c.io->timer_ns);
 	return ret;
+}
+
+/* lr_run with the slot's lock: FR_MOQ_LR_E_BUSY if another call holds it. */
+static __always_inline int lr_run_locked(__u32 slot, __u32 op)
+{
+	struct fr_moq_recovery *st = bpf_map_lookup_elem(&fr_moq_rec, &slot);
+	int ret;
+
+	if (!st)
+		return FR_MOQ_LR_E_SLOT;
+	if (!lr_lock(st))
+		return FR_MOQ_LR_E_BUSY;
+	ret = lr_run(slot, op);
+	lr_unlock(st);
+	return ret;
+}
+
+/* ---------------------------------------------------------------- the data path's calls */
+/* The egress sent packet pn (len bytes) it built from scratch.sent: registered without the
+ * lock (see the top). FR_MOQ_PKT_RECORDED when its stream frames do not fit the entry. */
+static __always_inline void lr_register(struct scratch *s, struct fr_moq_recovery *st, struct fr_moq_sent_table *tb,
+					__u32 slot, __u64 pn, __u32 len, __u64 now)
+{
+	struct fr_moq_sent_pkt *e = &tb->pkts[BOUNDED(pn, LR_MASK)];
+	struct fr_moq_sent_frame *f;
+	__u8 flags = FR_MOQ_PKT_KERNEL | FR_MOQ_PKT_ACK_ELICITING | FR_MOQ_PKT_IN_FLIGHT;
+	__u32 n = 0, i;
+
+	e->pn = pn;
+	e->sent_time = now;
+	e->gen = st->gen;
+	e->bytes = len;
+	if (s->bs.nout > FR_MOQ_PKT_FRAMES) {
+		flags |= FR_MOQ_PKT_RECORDED;
+	} else {
+		for (i = 0; i < FR_MOQ_PKT_FRAMES; i++) {
+			f = &s->sent.frames[i];
+			if (i >= s->bs.nout || f->datagram)
+				continue;
+			e->frames[n & 1].stream = f->stream;
+			e->frames[n & 1].offset = f->offset;
+			e->frames[n & 1].len = f->len;
+			e->frames[n & 1].fin = f->fin;
+			n++;
+		}
+	}
+	e->nframes = n;
+	e->flags = flags;
+	asm volatile("" ::: "memory");            /* the entry before its state */
+	e->state = FR_MOQ_PKT_OUTSTANDING;
+	lr_raise(&st->sent_end, pn + 1);
+	lr_add(&st->ack_eliciting_in_flight, 1);
+	lr_add(&st->bytes_in_flight, len);
+	if (now > st->time_of_last_ack_eliciting)
+		st->time_of_last_ack_eliciting = now;
+	if (!st->timer_at)
+		fr_lr_arm(slot, lr_timer(st));
+}
+
+/* The ACK-only packet in scratch.ack, of connection slot: applied to its recovery. -1: not
+ * applied (pass the packet up); else bit 0: userspace's own packets were outstanding (it must
+ * see the ACK too), bit 1: the packet goes up anyway (one in FR_MOQ_USER_ACK_EVERY). */
+GLOBAL int fr_lr_absorb(__u32 slot, __u32 gen)
+{
+	struct fr_moq_recovery *st = bpf_map_lookup_elem(&fr_moq_rec, &slot);
+	struct fr_moq_recover_args *io = bpf_map_lookup_elem(&fr_moq_rec_io, &slot);
+	struct scratch *s = scratch();
+	__u64 user, delay, n;
+	int ret;
+
+	if (!st || !io || !s || !gen || st->gen != gen)
+		return -1;
+	if (!lr_lock(st)) {
+		count(FR_MQ_LR_BUSY);
+		return -1;
+	}
+	user = st->user_outstanding;
+	io->slot = slot;
+	io->gen = gen;
+	io->op = FR_MOQ_LR_ACK;
+	io->nranges = s->ack.nranges;
+	__builtin_memcpy(io->ranges, s->ack.ranges, sizeof(io->ranges));
+	delay = s->ack.ack_delay < (1ULL << 24) ? s->ack.ack_delay : (1ULL << 24);
+	io->ack_delay_ns = (delay << (st->ack_delay_exponent & 0x1f)) * 1000;
+	io->time_ns = s->ack.time_ns;
+	ret = lr_run(slot, FR_MOQ_LR_ACK);
+	n = ++st->absorbed;
+	lr_unlock(st);
+	if (ret)
+		return -1;                        /* malformed for this connection: aioquic decides */
+	return (user ? 1 : 0) | (n % FR_MOQ_USER_ACK_EVERY ? 0 : 2);
 }
 
 #endif /* FR_MOQ_RECOVERY_H */

@@ -42,12 +42,15 @@ class Take(enum.IntEnum):
 
 
 class RecordKind(enum.IntEnum):
-    """Ring-buffer record types (fr_moq_record_kind): abi.MoqSent, MoqRenumbered, MoqHandover, MoqAck."""
+    """Ring-buffer record types (fr_moq_record_kind): abi.MoqSent, MoqRenumbered, MoqHandover, MoqAck,
+    MoqLost, MoqTimer."""
 
     SENT = 1
     RENUMBERED = 2
     HANDOVER = 3
     ACK = 4
+    LOST = 5
+    TIMER = 6
 
 
 class HandoverReason(enum.IntEnum):
@@ -89,7 +92,8 @@ class ConnSpec:
     max_payload: int = 1200
     protect_priority: int = 0     # under congestion, subgroups with a larger priority value are dropped
     skip_below: int = 1           # congestion: the budget under which the kernel stops sending
-    absorb_acks: bool = False     # the peer's ACK-only packets become ACKED records (to its host_cid)
+    absorb_acks: bool = False     # the peer's ACK-only packets are read by the kernel (to its host_cid)
+    recovery: bool = False        # loss recovery and congestion control in the kernel (recovery slot = slot)
 
 
 def _ip_bytes(ip: str) -> bytes:
@@ -263,6 +267,10 @@ class KernelMaps:
         self._subs[slot] = set()
         return slot
 
+    def generation(self, slot: int) -> int:
+        """The generation of the connection in `slot` (its kernel recovery state must carry it)."""
+        return self._slot_gen[slot]
+
     def update_conn(self, slot: int, spec: ConnSpec) -> None:
         """New limits, next hop or current peer connection id for a connection (same slot)."""
         if spec.dcid not in self._peer_cids[slot]:
@@ -299,7 +307,7 @@ class KernelMaps:
                            dst_ip=u8x16(*_ip_bytes(spec.dst[0])), src_ip=u8x16(*_ip_bytes(spec.src[0])),
                            dcid=(ctypes.c_uint8 * abi.FR_MOQ_CID_LEN)(*spec.dcid), max_stream=spec.max_stream,
                            stream_window=spec.stream_window, skip_below=spec.skip_below,
-                           absorb_acks=int(spec.absorb_acks))
+                           absorb_acks=int(spec.absorb_acks), recovery=int(spec.recovery))
 
     def remove_conn(self, slot: int) -> None:
         """Take a connection out of the kernel path and free every entry it had."""
@@ -405,7 +413,8 @@ class KernelMaps:
         """Readable when the programs woke readers (an absorbed ACK, a filling ring)."""
         return self._events.fileno()
 
-    def drain(self, budget: int = RING_BUDGET) -> list[abi.MoqSent | abi.MoqRenumbered | abi.MoqHandover | abi.MoqAck]:
+    def drain(self, budget: int = RING_BUDGET) -> list[abi.MoqSent | abi.MoqRenumbered | abi.MoqHandover | abi.MoqAck
+                                                         | abi.MoqLost | abi.MoqTimer]:
         """Records the kernel wrote since the last call, in order (RecordKind says which type)."""
         return self._events.consume(budget)
 

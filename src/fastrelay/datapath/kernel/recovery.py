@@ -2,8 +2,9 @@
 
 One call per event of a connection's 1-RTT packet number space: a packet sent, an ACK, the loss
 detection timer. Each comes back with counts, the acked and lost packet numbers as ranges, the
-next timer and the window; Python does no per-packet work. Not wired into the relay yet: the
-data path will register kernel-sent packets and absorbed ACKs in the kernel itself.
+next timer and the window. On a kernel-recovery connection the egress program registers the
+packets it builds and the ingress program applies the ACK-only packets it reads in the same
+state, without these calls; a call finding the slot busy with one of them is retried.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Op(enum.IntEnum):
     SENT = 1
     ACK = 2
     TIMEOUT = 3
+    EXPIRE = 4
 
 
 class Status(enum.IntEnum):
@@ -36,6 +38,8 @@ class Status(enum.IntEnum):
     E_ARGS = 2
     E_FULL = 3
     E_PN = 4
+    E_BUSY = 5
+    ACKED_EARLY = 6
 
 
 class PacketFlags(enum.IntFlag):
@@ -44,6 +48,7 @@ class PacketFlags(enum.IntFlag):
     ACK_ELICITING = 1
     IN_FLIGHT = 2
     KERNEL = 4
+    RECORDED = 8
 
 
 class ResultFlags(enum.IntFlag):
@@ -103,12 +108,17 @@ class KernelRecovery:
         self._gen: dict[int, int] = {}
         self._next_gen = 1
 
+    BUSY_TRIES = 1000  # the data path holds a slot for microseconds
+
     def _run(self, args: abi.MoqRecoverArgs, what: str) -> abi.MoqRecoverArgs:
         # a syscall program's context is copied back into ctx_in
         opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), ctx_in=ctypes.addressof(args),
                               ctx_size_in=ctypes.sizeof(args))
-        check(lib.bpf_prog_test_run_opts(self._fd, ctypes.byref(opts)), "fr_moq_recover")
-        if args.status:
+        for _ in range(self.BUSY_TRIES):
+            check(lib.bpf_prog_test_run_opts(self._fd, ctypes.byref(opts)), "fr_moq_recover")
+            if args.status != Status.E_BUSY:
+                break
+        if args.status and args.status != Status.ACKED_EARLY:
             raise RecoveryError(Status(args.status), what)
         return args
 
@@ -118,12 +128,14 @@ class KernelRecovery:
         return abi.MoqRecoverArgs(slot=slot, gen=self._gen.get(slot, 0), op=int(op))
 
     def init(self, slot: int, *, first_pn: int = 0, max_datagram_size: int = 1200, max_ack_delay_ns: int = 25_000_000,
-             initial_rtt_ns: int = 100_000_000) -> None:
-        """Give `slot` to a new connection (a new generation: what the old one left is ignored)."""
-        gen = self._next_gen
-        self._next_gen = self._next_gen % 0xFFFFFFFF + 1
+             initial_rtt_ns: int = 100_000_000, gen: int | None = None, ack_delay_exponent: int = 3) -> None:
+        """Give `slot` to a new connection (a new generation: what the old one left is ignored). A
+        kernel-path connection passes its own generation (the programs check that they match)."""
+        if gen is None:
+            gen = self._next_gen
+            self._next_gen = self._next_gen % 0xFFFFFFFF + 1
         args = self._args(slot, Op.INIT)
-        args.gen, args.pn, args.bytes = gen, first_pn, max_datagram_size
+        args.gen, args.pn, args.bytes, args.flags = gen, first_pn, max_datagram_size, ack_delay_exponent
         args.ack_delay_ns, args.initial_rtt_ns = max_ack_delay_ns, initial_rtt_ns
         self._run(args, f"INIT {slot}")
         self._gen[slot] = gen
@@ -147,6 +159,17 @@ class KernelRecovery:
         args = self._args(slot, Op.TIMEOUT)
         args.time_ns = now_ns
         return self._result(self._run(args, "TIMEOUT"))
+
+    def expire(self, slot: int, now_ns: int) -> Result:
+        """The slot's bpf_timer fired: the timeout runs if the loss detection time has come."""
+        args = self._args(slot, Op.EXPIRE)
+        args.time_ns = now_ns
+        return self._result(self._run(args, "EXPIRE"))
+
+    def forget(self, slot: int) -> None:
+        """The slot's connection is gone: its state is cleared (its timer, if armed, finds nothing)."""
+        self._gen.pop(slot, None)
+        self._state.update(slot, abi.MoqRecovery())
 
     def state(self, slot: int) -> abi.MoqRecovery:
         return self._state.lookup(slot)
