@@ -15,7 +15,7 @@ test: setup
 bench: setup
 	$(PY) -m fastrelay bench udp-fanout --write BENCHMARKS.md --plots bench/results
 	$(PY) -m fastrelay bench moq --write BENCHMARKS.md
-	$(PY) -m fastrelay bench moq-datapath --datapaths kernel,userspace,aiomoqt,moq-dev,kernel-pass-acks --write BENCHMARKS.md --plots bench/results
+	$(PY) -m fastrelay bench moq-datapath --datapaths kernel,userspace,kernel-aioquic-recovery,aiomoqt,moq-dev,kernel-pass-acks --write BENCHMARKS.md --plots bench/results
 
 bpf: setup
 	$(PY) -m fastrelay build

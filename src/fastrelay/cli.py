@@ -238,7 +238,8 @@ def _kernel_datapath(args: argparse.Namespace, url):
     privileges.require()
     names = args.interface or [name for _, name in socket.if_nameindex() if name != "lo"]
     return KernelDatapath(url.port, [socket.if_nametoindex(n) for n in names],
-                          protect_priority=args.protect_priority, absorb_acks=not args.pass_acks)
+                          protect_priority=args.protect_priority, absorb_acks=not args.pass_acks,
+                          kernel_recovery=args.recovery == "kernel")
 
 
 def _connect_timeout(text: str) -> float:
@@ -403,6 +404,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pass-acks", action="store_true",
                    help="kernel data path: subscribers' ACK-only packets go up to the socket (default: the kernel"
                         " reads them and hands their ACKs over as records)")
+    r.add_argument("--recovery", choices=("kernel", "aioquic"), default="kernel",
+                   help="kernel data path: where kernel-path connections' loss recovery and congestion control run"
+                        " (kernel: the BPF programs track every packet and apply the ACKs; needs the ACKs read in"
+                        " the kernel, so not with --pass-acks)")
     r.add_argument("--insecure-plaintext", action="store_true",
                    help="offer QUIC without packet protection (only peers offering it too use it); INSECURE")
     r.set_defaults(fn=_relay)

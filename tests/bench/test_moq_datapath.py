@@ -85,4 +85,5 @@ def test_an_unknown_data_path_is_refused_with_one_line():
     res = subprocess.run([sys.executable, "-m", "fastrelay", "bench", "moq-datapath", "--datapaths", "kernel,xdp"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "fastrelay: error: unknown data path xdp (choose from kernel, userspace, kernel-pass-acks, aiomoqt, moq-dev)"]
+        "fastrelay: error: unknown data path xdp (choose from kernel, userspace, kernel-aioquic-recovery,"
+        " kernel-pass-acks, aiomoqt, moq-dev)"]

@@ -56,9 +56,11 @@ TOTAL_RATE = 1600  # objects/s delivered in all: the subscriber processes share 
 FANOUTS, QUICK_FANOUTS = (1, 8, 32, 128), (1, 8)
 NAMESPACES = 4  # subscriber namespaces the sessions are spread over
 DATAPATHS = ("kernel", "userspace")
-# relay arguments per data path label; kernel-pass-acks: the kernel path with the subscribers'
-# ACK-only packets climbing to the socket (what reading them in the kernel saves)
+# relay arguments per data path label; kernel-aioquic-recovery: the kernel path with loss recovery
+# and congestion control left to aioquic (every kernel packet registered there: the first design);
+# kernel-pass-acks: that, with the subscribers' ACK-only packets climbing to the socket too
 RELAY_ARGS = {"kernel": ["--datapath", "kernel"], "userspace": ["--datapath", "userspace"],
+              "kernel-aioquic-recovery": ["--datapath", "kernel", "--recovery", "aioquic"],
               "kernel-pass-acks": ["--datapath", "kernel", "--pass-acks"]}
 CAPACITY_FANOUT = 4
 METRICS_PORT = 9464  # fastrelay relays serve their metrics here, on the relay namespace's loopback

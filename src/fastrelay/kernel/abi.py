@@ -192,6 +192,7 @@ class MoqDstream(ctypes.Structure):
         ("state", u8),
         ("priority", u8),
         ("pad", u16),
+        ("sent_end", u64),
     ]
 
 

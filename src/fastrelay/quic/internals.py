@@ -13,7 +13,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import decode_packet_number
-from aioquic.quic.packet_builder import QuicDeliveryHandler, QuicSentPacket
+from aioquic.quic.packet_builder import QuicDeliveryHandler, QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketRecovery, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
@@ -183,6 +183,76 @@ def hold_sent_stream_data(quic: QuicConnection, stream_id: int, offset: int, dat
     if fin:
         sender._buffer_fin = stop
         sender._pending_eof = False
+
+
+def placeholder_stream_data(quic: QuicConnection, stream_id: int, end: int) -> None:
+    """Bytes below `end` of a send stream left outside aioquic and are not aioquic's to re-send (the
+    sender outside keeps them): the stream's buffer and highest offset reach `end` (zero filled, neither
+    pending nor acknowledged) without charging connection flow control (the sender outside did)."""
+    sender = _send_stream(quic, stream_id).sender
+    if end > sender._buffer_stop:
+        sender._buffer += bytes(end - sender._buffer_stop)
+        sender._buffer_stop = end
+    sender.highest_offset = max(sender.highest_offset, end)
+
+
+def resend_stream_data(quic: QuicConnection, stream_id: int, offset: int, data: bytes, fin: bool) -> bool:
+    """Queue bytes that left outside aioquic and were lost, for aioquic to send again at their offset
+    (with the FIN); from then on they are aioquic's. False (nothing queued) if the stream was reset or
+    those bytes were acknowledged already."""
+    sender = _send_stream(quic, stream_id).sender
+    stop = offset + len(data)
+    if sender._reset_error_code is not None or offset < sender._buffer_start:
+        return False
+    placeholder_stream_data(quic, stream_id, stop)
+    if data:
+        base = sender._buffer_start
+        sender._buffer[offset - base:stop - base] = data
+        sender._pending.add(offset, stop)
+    if fin:
+        sender._buffer_fin = stop
+        sender._pending_eof = True
+    sender.buffer_is_empty = False
+    return True
+
+
+def acknowledge_stream_data(quic: QuicConnection, stream_id: int, ranges: RangeSet, final: int | None) -> None:
+    """Bytes of a send stream the sender outside aioquic delivered (and, with `final`, the stream's
+    size and its FIN): acknowledged as if aioquic had sent them; the stream finishes once everything
+    it holds is acknowledged."""
+    sender = _send_stream(quic, stream_id).sender
+    if sender._reset_error_code is not None:
+        return
+    if final is not None:
+        placeholder_stream_data(quic, stream_id, final)
+        if sender._buffer_fin is None:
+            sender._buffer_fin = final
+    for r in ranges:
+        if r.stop > sender._buffer_start:  # below it is acknowledged (and dropped) already
+            sender.on_data_delivery(QuicDeliveryState.ACKED, max(r.start, sender._buffer_start), r.stop, False)
+    if final is not None:
+        sender.on_data_delivery(QuicDeliveryState.ACKED, final, final, sender._buffer_fin == final)
+
+
+def charge_connection_data(quic: QuicConnection, size: int) -> None:
+    """Stream bytes sent outside aioquic count against the peer's MAX_DATA, as aioquic's own do."""
+    quic._remote_max_data_used += size
+
+
+def set_congestion_window(quic: QuicConnection, window: int) -> None:
+    """Make aioquic's congestion controller hold `window` bytes (a window computed elsewhere: what it
+    lets aioquic send until the next call)."""
+    quic._loss._cc.congestion_window = window
+
+
+def remote_ack_delay_exponent(quic: QuicConnection) -> int:
+    """The exponent the peer's ACK Delay fields are scaled by."""
+    return quic._remote_ack_delay_exponent
+
+
+def max_ack_delay(quic: QuicConnection) -> float:
+    """The peer's max_ack_delay, seconds."""
+    return quic._loss.max_ack_delay
 
 
 def count_sent_packet(quic: QuicConnection, packet: QuicSentPacket) -> None:

@@ -61,8 +61,13 @@ class ExternalSender:
         self.allocation_probe: Callable[[], int] | None = None
         """If set, asked for the kernel's next wire number when an ACK names a number at or above
         every one known to be handed out (cheaper than calling allocated_below before each input)."""
+        self.hold_unregistered = True
+        """ACKs of wire numbers not registered yet wait for their registration. Off when the packets
+        the kernel sends are not registered here at all (their recovery runs in the kernel)."""
+        self.ack_listener: Callable[[RangeSet, float, float], None] | None = None
+        """If set, called with every ACK frame aioquic itself parsed (not those given to acknowledge())."""
         internals.intercept_one_rtt_sent(quic, self._take)
-        internals.observe_one_rtt_acks(quic, self._on_ack)
+        internals.observe_one_rtt_acks(quic, self._observed)
         self._lost = internals.count_losses(quic)
 
     @property
@@ -130,7 +135,7 @@ class ExternalSender:
         internals.insert_sent_packet(self._quic, packet)
         self._numbered(packet_number)
 
-    def renumber(self, local_pn: int, wire_pn: int) -> None:
+    def renumber(self, local_pn: int, wire_pn: int) -> QuicSentPacket:
         """The packet aioquic built as `local_pn` left as `wire_pn`: from now on ACKs of `wire_pn` reach
         it (one that arrived before is applied now). Raises ValueError for an unknown local number or a
         wire number already registered."""
@@ -141,6 +146,7 @@ class ExternalSender:
         packet.packet_number = wire_pn
         internals.insert_sent_packet(self._quic, packet)
         self._numbered(wire_pn)
+        return packet
 
     def awaiting(self, truncated: int, bits: int = 16) -> int | None:
         """The local number of the oldest aioquic packet still waiting for its wire number whose low
@@ -210,7 +216,14 @@ class ExternalSender:
     def _take(self, packet: QuicSentPacket) -> None:
         self._unnumbered[packet.packet_number] = packet
 
+    def _observed(self, ranges: RangeSet, ack_delay: float, now: float) -> None:
+        self._on_ack(ranges, ack_delay, now)
+        if self.ack_listener is not None:
+            self.ack_listener(ranges, ack_delay, now)
+
     def _on_ack(self, ranges: RangeSet, ack_delay: float, now: float) -> None:
+        if not self.hold_unregistered:
+            return
         largest = ranges.bounds().stop - 1
         if largest >= self._allocated and self.allocation_probe is not None:
             self.allocated_below(self.allocation_probe())

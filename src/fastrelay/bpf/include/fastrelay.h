@@ -315,6 +315,7 @@ struct fr_moq_dstream {
 	__u8 state;                  /* enum fr_moq_dstream_state */
 	__u8 priority;
 	__u16 pad;
+	__u64 sent_end;              /* downstream bytes the kernel sent (a reset's final size covers them) */
 };
 
 /* fr_moq_take argument (SEC("syscall") program, run by userspace for atomic changes) */

@@ -196,6 +196,8 @@ GLOBAL int fr_moq_build_frame(__u32 i)
 	s->bs.nout++;
 	if (!dgram && (!down_off || f->fin))
 		s->bs.notable = 1;
+	if (ds && down_off + dlen > ds->sent_end)
+		ds->sent_end = down_off + dlen;
 	return 0;
 }
 

@@ -9,14 +9,25 @@ it does with that:
   validated address) with its track aliases; a subscriber connection in plaintext mode whose
   next hop resolves becomes a subscriber slot (addresses, connection id, counters) and joins
   its tracks' kernel sets. A connection that does not qualify stays on the userspace path.
-- Before any datagram reaches aioquic, the ring buffer is drained: each packet the kernel
-  sent is registered into the subscriber connection's loss recovery (quic/registration.py)
-  with the stream bytes it carried, taken from the upstream stream (whose bytes reach
-  userspace right after the clones left), each packet aioquic sent is re-keyed under the
-  number the egress program gave it, and each stream the kernel handed over is continued
-  (flow control or size) or reset (abandoned under congestion) from userspace.
-- After input, each connection's congestion budget and flow-control credit are published
-  to the kernel.
+- Kernel recovery (the default; `kernel_recovery`): the connection's 1-RTT loss recovery and
+  congestion control run in the kernel (bpf/moq/recovery.h, slot = the connection's slot). The
+  egress tracks every packet it builds and the ingress applies the peer's ACK-only packets
+  there; what reaches userspace is a SENT record where a kernel stream starts or ends (aioquic
+  opens the stream: flow control, STOP_SENDING and resets work on it; the kernel's bytes are
+  placeholders in it), a LOST record per lost kernel packet (its bytes are queued in aioquic
+  again from the upstream stream's bytes), a TIMER record when the kernel's loss timer fires
+  (the timeout then runs in the kernel), and ACK records only while packets aioquic built are
+  outstanding. aioquic's own packets are counted in the kernel's window (registered from their
+  RENUMBERED records) and aioquic sends within what the kernel's window leaves. Once the
+  kernel is done with a stream, its bytes are acknowledged in aioquic, which finishes it.
+- Without (`--recovery aioquic`, and always beyond the kernel's recovery slots): each packet
+  the kernel sent is registered into aioquic's loss recovery (quic/registration.py) with the
+  stream bytes it carried, taken from the upstream stream (whose bytes reach userspace right
+  after the clones left), and aioquic's window is published to the kernel as a budget.
+- Either way, before any datagram reaches aioquic the ring buffer is drained: each packet
+  aioquic sent is re-keyed under the number the egress program gave it, and each stream the
+  kernel handed over is continued (flow control or size) or reset (abandoned under
+  congestion) from userspace; after input, flow-control credit is published to the kernel.
 - Which path sends a subgroup to a subscriber is decided once per (subscriber, upstream
   stream) by the kernel at the stream's first packet; `owns()` tells the relay core, and a
   stream the kernel did not take is claimed for userspace so the kernel never starts it later.
@@ -42,6 +53,7 @@ from ...quic.link import Limits, QuicLink
 from ...quic.registration import ExternalSender, SentStreamFrame
 from ..interface import Owner
 from .maps import ConnSpec, KernelMaps, RecordKind, StreamState, Take
+from .recovery import KernelRecovery, PacketFlags, RecoveryError
 
 log = logging.getLogger("fastrelay.kernel_path")
 
@@ -51,6 +63,9 @@ MIRROR_GRACE_S = 5.0  # an ended upstream stream's bytes are kept this long for 
 # come later than the connection's idle timeout (it would have closed without the relay's ACKs)
 ENDED_STREAM_GRACE_S = Limits().idle_timeout
 SKIP_MARGIN = 64 << 10  # bytes beyond the congestion window before new subgroups are skipped
+# with the window in the kernel (exact, no control plane lag), a smaller overshoot: it has no queue,
+# so up to this much beyond the window (at least a window) stands in for one
+KERNEL_SKIP_MARGIN = 16 << 10
 
 
 def _skip_below(cwnd: int) -> int:
@@ -110,6 +125,23 @@ class _Continuation:
     fin: bool = False
 
 
+@dataclass
+class _KStream:
+    """A stream the kernel started on a connection whose recovery runs in the kernel. aioquic holds
+    it (flow control, resets, ranges it re-sends) but not the kernel's bytes: those are placeholders
+    until the kernel is done with them (every packet that carried them acknowledged or reported)."""
+
+    up: int
+    up_stream: int
+    track: int
+    delta: int  # downstream offset - upstream offset (the alias re-encoded)
+    final: int | None = None  # the stream's size, once the kernel sent its FIN
+    last_pn: int = -1  # once >= 0: the kernel sends nothing more on it, its packets are below this + 1
+    resent: RangeSet = field(default_factory=RangeSet)  # ranges given to aioquic to send again
+    fin_resent: bool = False
+    kernel_end: int | None = None  # handed over: the kernel's bytes end here, aioquic's follow
+
+
 @dataclass(eq=False)
 class _Down:
     link: QuicLink
@@ -136,6 +168,14 @@ class _Down:
     user_packets: int = 0  # packets aioquic sent on the connection (renumbered by the egress)
     user_bytes: int = 0
     acks_absorbed: int = 0  # the peer's ACK-only packets read from kernel records
+    kernel_recovery: bool = False  # its 1-RTT loss recovery and congestion control run in the kernel
+    kstreams: dict[int, _KStream] = field(default_factory=dict)  # down stream -> (kernel recovery)
+    recorded: dict[int, list[tuple[int, int, int, bool]]] = field(default_factory=dict)  # pn -> frames
+    resends: list[tuple[int, int, int, bool]] = field(default_factory=list)  # lost ranges waiting for bytes
+    credit_given: int = 0  # connection flow-control bytes given to the kernel in all
+    credit_charged: int = 0  # of those the kernel used, charged to aioquic's flow control
+    hold: int = 0  # the budget adjustment published (negative: low-priority subgroups held back)
+    base_seen: int = 0  # the kernel's recovery base at the last look
 
 
 @dataclass
@@ -151,7 +191,7 @@ class _AckBatch:
 
 @dataclass
 class KernelStats:
-    packets: int = 0               # packets the kernel sent to subscribers
+    packets: int = 0               # packets the kernel sent to subscribers (its counters)
     bytes: int = 0
     renumbered: int = 0            # aioquic packets renumbered on kernel-path connections
     handovers: int = 0
@@ -163,7 +203,10 @@ class KernelStats:
     refused: int = 0               # connections that stayed on the userspace path
     acks_absorbed: int = 0         # subscribers' ACK-only packets applied from kernel records
     repair_holds: int = 0          # budgets published low so a protected subgroup's repair gets the window
-    records: int = 0               # ring-buffer records drained (SENT, RENUMBERED, HANDOVER, ACK)
+    records: int = 0               # ring-buffer records drained
+    lost: int = 0                  # kernel packets reported lost (kernel recovery)
+    resent_bytes: int = 0          # their stream bytes queued in aioquic again
+    timers: int = 0                # kernel loss-detection timers handled
 
 
 class KernelDatapath:
@@ -174,8 +217,11 @@ class KernelDatapath:
     PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
 
     def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
-                 absorb_acks: bool = True) -> None:
+                 absorb_acks: bool = True, kernel_recovery: bool = True) -> None:
         self.fp = KernelMaps(port, ingress=interfaces, egress=interfaces)
+        # connections whose loss recovery runs in the kernel (needs the kernel to read their ACKs)
+        self.recovery = KernelRecovery(self.fp.obj) if kernel_recovery and absorb_acks else None
+        self._acked_in_kernel = False
         self.port = port
         self.protect_priority = protect_priority
         self.absorb_acks = absorb_acks
@@ -304,6 +350,17 @@ class KernelDatapath:
             if sid in down.upstream_of:
                 self.fp.stop_stream(down.slot, *down.upstream_of[sid])
         self.drain()
+        if down.kernel_recovery:
+            last = self.fp.state(down.slot).next_pn - 1
+            for sid in unfinished:
+                ks = down.kstreams.get(sid)
+                if ks is None:
+                    continue
+                ks.last_pn = last
+                entry = self.fp.dstream(down.slot, ks.up, ks.up_stream)
+                if entry is not None and internals.is_stream_open(down.link.quic, sid):
+                    # the reset's final size must cover every byte the kernel sent
+                    internals.placeholder_stream_data(down.link.quic, sid, entry.sent_end)
         if unfinished and not down.link.closed.done():
             self._register_for_reset(down, set(unfinished))
             for sid in unfinished:
@@ -420,12 +477,34 @@ class KernelDatapath:
                                 budget=ext.budget(), credit=credit)
         down = _Down(link, ext, slot, spec)
         ext.allocation_probe = lambda: self.fp.state(slot).next_pn
+        if self.recovery is not None and slot < abi.FR_MOQ_MAX_RECOVERY_CONNS:
+            self._start_kernel_recovery(down, credit)
         self._downs[link] = down
         self._slots[slot] = down
         self._refresh_cids(down)
         self.stats.connections += 1
         log.info("subscriber %s on the kernel path (slot %d)", peer, slot)
         return down
+
+    def _start_kernel_recovery(self, down: _Down, credit: int) -> None:
+        """Hand the connection's 1-RTT loss recovery and congestion control to the kernel: from its
+        first kernel number on, the kernel tracks every packet; aioquic keeps only its own."""
+        quic = down.link.quic
+        srtt = internals.smoothed_rtt(quic)
+        self.recovery.init(down.slot, gen=self.fp.generation(down.slot), first_pn=down.ext.first_packet_number,
+                           max_datagram_size=internals.max_datagram_size(quic),
+                           max_ack_delay_ns=int(internals.max_ack_delay(quic) * 1e9),
+                           initial_rtt_ns=int((srtt or 0.1) * 1e9),
+                           ack_delay_exponent=internals.remote_ack_delay_exponent(quic))
+        st = self.fp.state(down.slot)
+        self.fp.take(down.slot, Take.BUDGET, -st.budget)  # the budget is now an adjustment of the kernel's window
+        down.kernel_recovery = True
+        down.credit_given = credit
+        down.ext.hold_unregistered = False
+        down.ext.ack_listener = lambda ranges, delay, now: self._ack_to_kernel(down, ranges, delay, now)
+        mds = internals.max_datagram_size(quic)
+        down.spec = replace(down.spec, recovery=True, skip_below=-4 * mds)
+        self.fp.update_conn(down.slot, down.spec)
 
     def allocate_uni_stream(self, link: QuicLink) -> int | None:
         """LinkObserver: a kernel-path subscriber connection takes its unidirectional stream ids
@@ -446,6 +525,11 @@ class KernelDatapath:
                  down.kernel_bytes, down.user_packets, down.user_bytes, down.acks_absorbed)
         self._slots.pop(down.slot, None)
         self.fp.remove_conn(down.slot)
+        if down.kernel_recovery:
+            self.recovery.forget(down.slot)
+            for ks in down.kstreams.values():
+                self._release_mirror(ks)
+            down.kstreams.clear()
         for key, waiters in list(self._waiting.items()):
             self._waiting[key] = [w for w in waiters if w[2].down is not down]
             heapq.heapify(self._waiting[key])
@@ -458,6 +542,7 @@ class KernelDatapath:
     def drain(self) -> None:
         """Apply every record the kernel wrote (called before any datagram is processed)."""
         acks: dict[_Down, _AckBatch] = {}
+        again = False  # a timer handled: its LOST records follow
         while True:
             records = self.fp.drain()
             self.stats.records += len(records)
@@ -470,20 +555,31 @@ class KernelDatapath:
                 if kind == RecordKind.ACK:
                     self._absorbed(down, rec, acks)
                 elif kind == RecordKind.SENT:
-                    self._sent(down, rec)
+                    if down.kernel_recovery:
+                        self._kernel_sent(down, rec)
+                    else:
+                        self._sent(down, rec)
                 elif kind == RecordKind.RENUMBERED:
                     local = down.ext.awaiting(rec.local_pn)
                     if local is None:
                         self.stats.unmatched += 1
                         continue
-                    down.ext.renumber(local, rec.pn)
+                    packet = down.ext.renumber(local, rec.pn)
                     down.user_packets += 1
                     down.user_bytes += rec.bytes
                     self.stats.renumbered += 1
+                    if down.kernel_recovery and (packet.in_flight or packet.is_ack_eliciting):
+                        self._user_sent(down, rec, packet)
                 elif kind == RecordKind.HANDOVER:
                     self._handover(down, rec)
-            if len(records) < KernelMaps.RING_BUDGET:
+                elif kind == RecordKind.LOST:
+                    self._lost(down, rec)
+                elif kind == RecordKind.TIMER:
+                    self._timer_fired(down)
+                    again = True
+            if len(records) < KernelMaps.RING_BUDGET and not again:
                 break
+            again = False
         for down, batch in acks.items():
             lost = down.ext.packets_lost
             down.ext.acknowledge(batch.ranges, internals.ack_delay_seconds(down.link.quic, batch.delay), batch.at)
@@ -545,8 +641,6 @@ class KernelDatapath:
             frames.append((sid, off, length, up_stream, up_off, bool(fin)))
         down.kernel_packets += 1
         down.kernel_bytes += rec.bytes
-        self.stats.packets += 1
-        self.stats.bytes += rec.bytes
         self._try_register(_Pending(down, rec.pn, rec.time_ns / 1e9, rec.bytes, frames, up, track))
 
     def _handover(self, down: _Down, rec: abi.MoqHandover) -> None:
@@ -562,6 +656,13 @@ class KernelDatapath:
             ds_entry = self.fp.dstream(down.slot, up, up_stream)
             delta = ds_entry.delta if ds_entry is not None else 0
             down.continuations[(up, up_stream)] = _Continuation(sid, delta, up_off)
+        if down.kernel_recovery and internals.is_stream_open(down.link.quic, sid):
+            # aioquic goes on from there, or resets it with a final size covering what the kernel sent
+            internals.placeholder_stream_data(down.link.quic, sid, rec.offset)
+        ks = down.kstreams.get(sid)
+        if ks is not None:
+            ks.kernel_end = rec.offset
+            ks.last_pn = self.fp.state(down.slot).next_pn - 1
         self._continuing.add(down)
         self._mirrors.setdefault((up, up_stream), _Mirror()).users += 1
 
@@ -736,9 +837,187 @@ class KernelDatapath:
             del self._mirrors[key]
         self.fp.forget_ended(time.monotonic() - ENDED_STREAM_GRACE_S)
 
+    # ---- kernel recovery (the connection's loss recovery runs in the kernel)
+    def _kernel_sent(self, down: _Down, rec: abi.MoqSent) -> None:
+        """A kernel packet that starts or ends a stream, or carries more frames than the kernel keeps
+        per packet: the streams' bookkeeping (the packet itself is the kernel's to track)."""
+        up, track = rec.up, rec.track
+        kept = []
+        for f in rec.frames[:rec.nframes]:
+            if f.datagram:
+                continue
+            sid, off, length, fin = f.stream, f.offset, f.len, bool(f.fin)
+            kept.append((sid, off, length, fin))
+            ks = down.kstreams.get(sid)
+            if ks is None:
+                if off != 0 or sid in down.upstream_of:
+                    continue  # a stream already over for the kernel
+                try:
+                    down.ext.open_stream(sid)  # aioquic knows it: flow control, STOP_SENDING, resets
+                except ValueError:
+                    continue
+                entry = self.fp.dstream(down.slot, up, f.up_stream)
+                ks = down.kstreams[sid] = _KStream(up, f.up_stream, track, entry.delta if entry is not None else 0)
+                down.upstream_of[sid] = (up, f.up_stream)
+                if entry is not None and entry.priority > self.protect_priority:
+                    down.expendable.add(sid)
+                ds = down.tracks.get(track)
+                if ds is not None:
+                    ds.streams += 1
+                self._mirrors.setdefault((up, f.up_stream), _Mirror()).users += 1
+            opened = down.open_streams.setdefault(track, {})
+            if fin:
+                opened.pop(sid, None)
+                ks.final = ks.kernel_end = off + length
+                ks.last_pn = rec.pn
+            else:
+                opened[sid] = max(opened.get(sid, 0), off + length)
+        if rec.nframes > abi.FR_MOQ_PKT_FRAMES:
+            down.recorded[rec.pn] = kept
+
+    def _user_sent(self, down: _Down, rec: abi.MoqRenumbered, packet) -> None:
+        """A packet aioquic built left as rec.pn: the kernel counts it in the window and in loss
+        detection (aioquic keeps its frames and hears of its fate through the ACKs it gets)."""
+        flags = ((PacketFlags.ACK_ELICITING if packet.is_ack_eliciting else 0)
+                 | (PacketFlags.IN_FLIGHT if packet.in_flight else 0))
+        try:
+            self.recovery.sent(down.slot, rec.pn, rec.time_ns, rec.bytes, PacketFlags(flags))
+        except RecoveryError as exc:
+            log.debug("packet %d of %s:%d not counted by the kernel: %s", rec.pn, *down.spec.dst, exc)
+
+    def _ack_to_kernel(self, down: _Down, ranges: RangeSet, ack_delay: float, now: float) -> None:
+        """An ACK frame aioquic parsed (a packet of the peer that went up): the kernel applies it too."""
+        if down.link not in self._downs:
+            return
+        highest_first = [(r.start, r.stop - 1) for r in reversed(list(ranges))][:abi.FR_MOQ_MAX_ACK_RANGES]
+        try:
+            self.recovery.ack(down.slot, highest_first, int(ack_delay * 1e9), int(now * 1e9))
+        except RecoveryError as exc:
+            log.debug("ACK of %s:%d not applied by the kernel: %s", *down.spec.dst, exc)
+        self._acked_in_kernel = True
+
+    def _timer_fired(self, down: _Down) -> None:
+        """The connection's loss detection timer fired in the kernel: its losses and probes come
+        back as LOST records."""
+        try:
+            self.recovery.expire(down.slot, time.monotonic_ns())
+        except RecoveryError as exc:
+            log.debug("timer of %s:%d: %s", *down.spec.dst, exc)
+        self.stats.timers += 1
+
+    def _lost(self, down: _Down, rec: abi.MoqLost) -> None:
+        """A kernel packet was lost (or given up for a probe): its stream bytes go again, by aioquic."""
+        if not down.kernel_recovery:
+            return
+        self.stats.lost += 1
+        if rec.flags & 2:  # FR_MOQ_LOST_RECORDED: the frames came in its SENT record
+            frames = down.recorded.pop(rec.pn, [])
+        else:
+            frames = [(f.stream, f.offset, f.len, bool(f.fin)) for f in rec.frames[:rec.nframes]]
+        for frame in frames:
+            if not self._resend(down, *frame):
+                down.resends.append(frame)
+
+    def _resend(self, down: _Down, sid: int, off: int, length: int, fin: bool) -> bool:
+        """Queue a lost range of a kernel stream in aioquic from the upstream bytes; False if those
+        bytes have not reached the relay yet (try again later)."""
+        ks = down.kstreams.get(sid)
+        quic = down.link.quic
+        if ks is None or not internals.is_stream_open(quic, sid):
+            return True  # reset or forgotten: nothing to repair
+        mirror = self._mirrors.get((ks.up, ks.up_stream))
+        if mirror is None:
+            return True
+        if off == 0:
+            up_len = length - ks.delta
+            if len(mirror.data) < max(up_len, 2):
+                return False
+            data = rewrite_alias(bytes(mirror.data[:up_len]), down.aliases.get(ks.track, 0))
+        else:
+            start = off - ks.delta
+            if len(mirror.data) < start + length:
+                return False
+            data = bytes(mirror.data[start:start + length])
+        if len(data) != length:
+            log.warning("lost range %d+%d of stream %d to %s:%d does not match its upstream bytes", off, length, sid,
+                        *down.spec.dst)
+            return True
+        if internals.resend_stream_data(quic, sid, off, data, fin):
+            if length:
+                ks.resent.add(off, off + length)
+            ks.fin_resent = ks.fin_resent or fin
+            self.stats.resent_bytes += length
+            self._touched.add(down)
+        return True
+
+    def _resolve(self, down: _Down) -> None:
+        """Streams the kernel is done with (it sends nothing more on them, and every packet that
+        carried them was acknowledged or reported lost) become aioquic's alone: the kernel's bytes
+        are acknowledged in aioquic, which finishes the stream once its own re-sent ranges are."""
+        if down.resends:
+            waiting, down.resends = down.resends, []
+            down.resends = [r for r in waiting if not self._resend(down, *r)]
+        state = self.recovery.state(down.slot)
+        # the base read last time: the LOST records of every packet below it are applied by now
+        base, down.base_seen = down.base_seen, state.base
+        st = self.fp.state(down.slot)
+        down.kernel_packets, down.kernel_bytes = st.packets, st.bytes
+        for pn in [pn for pn in down.recorded if pn < base]:
+            del down.recorded[pn]
+        quic = down.link.quic
+        for sid, ks in list(down.kstreams.items()):
+            if ks.last_pn < 0 or ks.last_pn >= base or any(r[0] == sid for r in down.resends):
+                continue
+            if internals.is_stream_open(quic, sid) and ks.kernel_end is not None:
+                delivered = RangeSet([range(0, ks.kernel_end)]) if ks.kernel_end else RangeSet()
+                for r in ks.resent:
+                    delivered.subtract(r.start, r.stop)
+                internals.acknowledge_stream_data(quic, sid, delivered, None if ks.fin_resent else ks.final)
+            self._release_mirror(ks)
+            del down.kstreams[sid]
+            down.upstream_of.pop(sid, None)
+            down.expendable.discard(sid)
+
+    def _release_mirror(self, ks: _KStream) -> None:
+        mirror = self._mirrors.get((ks.up, ks.up_stream))
+        if mirror is not None:
+            mirror.users -= 1
+
+    def _publish_kernel(self, down: _Down) -> None:
+        """Flow control and window on a kernel-recovery connection: the stream bytes the kernel used
+        are charged to aioquic's connection flow control, the kernel gets what the peer's MAX_DATA
+        leaves; aioquic's own packets keep within the window the kernel computes."""
+        quic = down.link.quic
+        st = self.fp.state(down.slot)
+        used = down.credit_given - st.credit
+        if used > down.credit_charged:
+            internals.charge_connection_data(quic, used - down.credit_charged)
+            down.credit_charged = used
+        credit, max_uni = down.ext.flow_credit()
+        if credit != st.credit and (abs(credit - st.credit) >= self.PUBLISH_STEP or credit < self.PUBLISH_STEP):
+            self.fp.take(down.slot, Take.CREDIT, credit - st.credit)
+            down.credit_given += credit - st.credit
+        rs = self.recovery.state(down.slot)
+        mds = internals.max_datagram_size(quic)
+        kernel_in_flight = max(0, rs.bytes_in_flight - internals.bytes_in_flight(quic))
+        internals.set_congestion_window(quic, max(rs.cwnd - kernel_in_flight, 2 * mds))
+        # a protected subgroup's repair waits in aioquic while the window is full: hold back the rest
+        hold = -(1 << 40) if rs.bytes_in_flight >= rs.cwnd and self._repair_waiting(down) else 0
+        if hold != down.hold:
+            self.fp.take(down.slot, Take.BUDGET, hold - down.hold)
+            down.hold = hold
+            self.stats.repair_holds += hold < 0
+        skip = -max(2 * rs.cwnd, KERNEL_SKIP_MARGIN)
+        if 4 * max_uni + 3 != down.spec.max_stream or abs(skip - down.spec.skip_below) > -skip // 4:
+            down.spec = replace(down.spec, max_stream=4 * max_uni + 3, skip_below=skip)
+            self.fp.update_conn(down.slot, down.spec)
+
     # ---- budgets
     def after_input(self, link: QuicLink) -> None:
         """LinkObserver: after a datagram, continue and send what it released, publish budgets."""
+        if self._acked_in_kernel:
+            self._acked_in_kernel = False
+            self.drain()  # the losses an ACK frame it carried revealed
         self._flush()
         down = self._downs.get(link)
         if down is not None:
@@ -759,6 +1038,8 @@ class KernelDatapath:
                 continue
             self._refresh_cids(down)
             self._publish(down)
+            if down.kernel_recovery:
+                self._resolve(down)
             for sid in [sid for sid in down.fins if not internals.is_stream_open(down.link.quic, sid)]:
                 down.fins.discard(sid)  # delivered and discarded by aioquic: forget it
                 down.registered.pop(sid, None)
@@ -769,6 +1050,9 @@ class KernelDatapath:
         """Tell the kernel how much this connection's congestion window and the peer's flow
         control leave (minus what the kernel sent that is not registered yet)."""
         if down.link.closed.done():
+            return
+        if down.kernel_recovery:
+            self._publish_kernel(down)
             return
         budget = internals.congestion_budget(down.link.quic) - down.pending_bytes  # negative: overshoot
         if budget <= 0 and self._repair_waiting(down):
@@ -839,8 +1123,9 @@ class KernelDatapath:
 
     def counters(self) -> dict[str, int]:
         """Kernel counters and this path's own, for metrics."""
-        return {**{f"kernel_{k}": v for k, v in self.fp.counters().items()},
-                **{f"path_{k}": v for k, v in vars(self.stats).items()}}
+        kernel = self.fp.counters()
+        self.stats.packets, self.stats.bytes = kernel.get("sent", 0), kernel.get("sent_bytes", 0)
+        return {**{f"kernel_{k}": v for k, v in kernel.items()}, **{f"path_{k}": v for k, v in vars(self.stats).items()}}
 
     def per_subscriber(self) -> dict[str, tuple[int, int, int, int]]:
         """{subscriber address: (packets and bytes the kernel sent, packets and bytes userspace sent)}."""
