@@ -191,7 +191,8 @@ class MoqDstream(ctypes.Structure):
         ("delta", ctypes.c_int32),
         ("state", u8),
         ("priority", u8),
-        ("pad", u16),
+        ("fin", u8),
+        ("pad", u8),
         ("sent_end", u64),
     ]
 

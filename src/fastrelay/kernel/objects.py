@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,30 @@ class Map[K, V]:
             stride = (ctypes.sizeof(value) + 7) & ~7
             self._slot = stride
             self._buf_type = ctypes.c_char * (stride * self.ncpus)
+        self._mm: mmap.mmap | None = None
+        self._view: ctypes.Array | None = None
+
+    def view(self) -> ctypes.Array:
+        """An array map made with BPF_F_MMAPABLE, mapped: its entries read in place, without a
+        syscall (what the programs change shows at once). Lives until close()."""
+        if self._view is None:
+            size = ctypes.sizeof(self.value_type)
+            if size % 8:
+                raise LayoutError(f"{self.name}: mapped values must be a multiple of 8 bytes, not {size}")
+            length = -(-size * self.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._view = (self.value_type * self.max_entries).from_buffer(self._mm)
+        return self._view
+
+    def close(self) -> None:
+        """Unmap the view (the map can go away once nothing else holds it)."""
+        self._view = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a caller still holds an entry of the view: unmapped when that goes
+            self._mm = None
 
     def _key(self, key: K | int) -> ctypes._CData:
         return key if isinstance(key, ctypes._SimpleCData | ctypes.Structure) else self.key_type(key)

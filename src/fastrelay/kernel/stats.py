@@ -53,6 +53,12 @@ def prog_run_stats(prog_fd: int) -> RunStats:
     return RunStats(int(info["run_time_ns"]), int(info["run_cnt"]))
 
 
+def prog_run_info(prog_fd: int) -> tuple[str, RunStats]:
+    """A program's name and prog_run_stats."""
+    info = _info(prog_fd, "bpf_prog_info", "name", "run_time_ns", "run_cnt")
+    return str(info["name"]), RunStats(int(info["run_time_ns"]), int(info["run_cnt"]))
+
+
 def prog_verified_insns(prog_fd: int) -> int:
     """Instructions the verifier processed to accept this program (kernel >= 5.16)."""
     return int(_info(prog_fd, "bpf_prog_info", "verified_insns")["verified_insns"])

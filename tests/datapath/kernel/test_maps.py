@@ -420,6 +420,11 @@ def test_a_subscribers_ack_only_packets_become_records_and_everything_else_goes_
         rig.slots.remove(slot)
 
 
+def table_end(got: list[dict]) -> int:
+    """The end offset of the stream the captured kernel packets carried."""
+    return max(off + len(data) for f in got for _, _, off, data, _ in parse_frames(f["payload"])[2])
+
+
 def _records(rig, kind: RecordKind, want: int, timeout: float = 2.0) -> list:
     got: list = []
     deadline = time.monotonic() + timeout
@@ -431,7 +436,7 @@ def _records(rig, kind: RecordKind, want: int, timeout: float = 2.0) -> list:
 
 def test_kernel_recovery_tracks_sent_packets_applies_acks_and_reports_only_losses(rig):
     """A connection whose loss recovery runs in the kernel: the egress registers each packet it
-    builds (a SENT record only where a stream starts or ends), the ingress applies the peer's
+    builds (a SENT record only where a stream starts), the ingress applies the peer's
     ACK-only packets there and drops them; userspace hears of lost kernel packets (with their
     frames), of ACKs only while its own packets are outstanding, and of the timer."""
     slot = rig.add_sub(0, alias=9, next_stream=3, absorb_acks=True, recovery=True)
@@ -457,7 +462,9 @@ def test_kernel_recovery_tracks_sent_packets_applies_acks_and_reports_only_losse
         sizes = {parse_frames(f["payload"])[0]: len(f["payload"]) for f in got}
         assert sorted(sizes) == list(range(1000, 1006))
         sent = [r for r in rig.fp.drain() if r.kind == RecordKind.SENT]
-        assert [r.pn for r in sent] == [1000, 1005]            # the stream's start and its end only
+        assert [r.pn for r in sent] == [1000]                  # the stream's start only
+        entry = rig.fp.dstream(slot, rig.up, 2)                # its end is in its entry
+        assert entry.fin == 1 and entry.sent_end == table_end(got)
         st = rec.state(slot)
         assert (st.sent_end, st.ack_eliciting_in_flight, st.bytes_in_flight) == (1006, 6, sum(sizes.values()))
         table = rec.outstanding(slot)
@@ -509,5 +516,6 @@ def test_kernel_recovery_tracks_sent_packets_applies_acks_and_reports_only_losse
     finally:
         sub.close()
         rec.forget(slot)
+        rec.close()
         rig.fp.remove_conn(slot)
         rig.slots.remove(slot)

@@ -35,9 +35,13 @@ EAF = PacketFlags.ACK_ELICITING | PacketFlags.IN_FLIGHT
 @pytest.fixture(scope="module")
 def kr():
     obj = BpfObject.load("moq_fastpath")
+    rec = None
     try:
-        yield KernelRecovery(obj)
+        rec = KernelRecovery(obj)
+        yield rec
     finally:
+        if rec is not None:
+            rec.close()
         obj.close()
 
 

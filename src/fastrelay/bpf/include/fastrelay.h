@@ -314,7 +314,8 @@ struct fr_moq_dstream {
 	__s32 delta;                 /* downstream offset - upstream offset (alias re-encoded) */
 	__u8 state;                  /* enum fr_moq_dstream_state */
 	__u8 priority;
-	__u16 pad;
+	__u8 fin;                    /* the kernel sent its FIN (sent_end is the stream's size) */
+	__u8 pad;
 	__u64 sent_end;              /* downstream bytes the kernel sent (a reset's final size covers them) */
 };
 

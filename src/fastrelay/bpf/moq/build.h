@@ -194,10 +194,12 @@ GLOBAL int fr_moq_build_frame(__u32 i)
 	rec->fin = f->fin;
 	rec->datagram = dgram;
 	s->bs.nout++;
-	if (!dgram && (!down_off || f->fin))
+	if (!dgram && !down_off)
 		s->bs.notable = 1;
 	if (ds && down_off + dlen > ds->sent_end)
 		ds->sent_end = down_off + dlen;
+	if (ds && f->fin)
+		ds->fin = 1;
 	return 0;
 }
 
@@ -307,7 +309,7 @@ GLOBAL int fr_moq_build_clone(struct __sk_buff *skb, __u32 slot)
 	if (rec && tb) {
 		lr_register(s, rec, tb, slot, pn, len, now);
 		if (s->bs.nout > FR_MOQ_PKT_FRAMES || s->bs.notable)
-			emit_sent(s);             /* a stream starts or ends, or frames the entry cannot hold */
+			emit_sent(s);             /* a stream starts, or frames the entry cannot hold */
 	} else {
 		__sync_fetch_and_add(&st->budget, -(__s64)len);
 		emit_sent(s);

@@ -82,6 +82,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, FR_MOQ_MAX_CONNS);
+	__uint(map_flags, BPF_F_MMAPABLE);      /* userspace reads it without a syscall */
 	__type(key, __u32);
 	__type(value, struct fr_moq_state);
 } fr_moq_state SEC(".maps");
@@ -164,7 +165,7 @@ struct build_state {
 	__u32 limit;                 /* largest payload (tag included) */
 	__u8 alias_len;
 	__u8 nout;                   /* frames written (sent.frames[]) */
-	__u8 notable;                /* a frame starts or ends a stream: userspace needs the SENT record */
+	__u8 notable;                /* a frame starts a stream: userspace needs the SENT record */
 	__u8 full;                   /* kernel recovery: the sent-packet table has no room */
 	__s64 budget;                /* congestion window bytes left (negative: over) */
 };

@@ -54,6 +54,7 @@ _Static_assert((FR_MOQ_LR_MAX_RANGES & LR_OUT_MASK) == 0, "FR_MOQ_LR_MAX_RANGES 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, FR_MOQ_MAX_RECOVERY_CONNS);
+	__uint(map_flags, BPF_F_MMAPABLE);      /* userspace reads the summary without a syscall */
 	__type(key, __u32);
 	__type(value, struct fr_moq_recovery);
 } fr_moq_rec SEC(".maps");

@@ -137,6 +137,7 @@ class KernelMaps:
             self._dsub = o.map("fr_moq_dsub")
             self._conns = o.map("fr_moq_conns")
             self._state = o.map("fr_moq_state")
+            self._states = self._state.view()
             self._dcid = o.map("fr_moq_dcid")
             self._hcid = o.map("fr_moq_hcid")
             self._dstream = o.map("fr_moq_dstream")
@@ -368,7 +369,8 @@ class KernelMaps:
         return args.result
 
     def state(self, slot: int) -> abi.MoqState:
-        return self._state.lookup(slot)
+        """The connection's counters as they are now (read from the mapped map: no syscall)."""
+        return abi.MoqState.from_buffer_copy(self._states[slot])
 
     def dstream(self, slot: int, up: int, stream: int) -> abi.MoqDstream | None:
         """What the egress decided for upstream stream `stream` of `up` towards `slot`."""
@@ -435,6 +437,9 @@ class KernelMaps:
         if getattr(self, "_events", None) is not None:
             self._events.close()
             self._events = None
+        if getattr(self, "_state", None) is not None:
+            self._states = None
+            self._state.close()
         self.obj.close()
 
     def __enter__(self) -> Self:

@@ -215,6 +215,7 @@ class KernelDatapath:
     TICK_S = 0.05  # records are drained before every input anyway; the timer covers idle connections
     ACK_BATCH_S = 0.002  # how long absorbed ACKs may wait to be applied together
     PUBLISH_STEP = 16 << 10  # budget/credit changes smaller than this are not worth two syscalls
+    HOUSEKEEPING_TICKS = 4  # every this many ticks: kernel-recovery connections, mirrors, connection ids
 
     def __init__(self, port: int, interfaces: list[int], *, protect_priority: int = 0,
                  absorb_acks: bool = True, kernel_recovery: bool = True) -> None:
@@ -261,10 +262,15 @@ class KernelDatapath:
         ticks = itertools.count()
 
         def tick() -> None:
+            n = next(ticks)
             self.drain()
-            self._gc_mirrors()
-            self._publish_all()
-            if next(ticks) % 20 == 0:
+            # connections whose recovery runs in the kernel need no budget from here: their
+            # housekeeping (connection ids, streams the kernel is done with) can wait longer
+            every = n % self.HOUSEKEEPING_TICKS == 0
+            if every:
+                self._gc_mirrors()
+            self._publish_all(every)
+            if n % 20 == 0:
                 self._check_ring()
             self._timer = loop.call_later(self.TICK_S, tick)
         self._timer = loop.call_later(self.TICK_S, tick)
@@ -301,6 +307,8 @@ class KernelDatapath:
             self.fp.remove_upstream(up)
         self._netlink.submit(self.resolver.close).result()
         self._netlink.shutdown()
+        if self.recovery is not None:
+            self.recovery.close()
         self.fp.close()
 
     # ---- relay core hooks (datapath/interface.py Datapath)
@@ -352,12 +360,15 @@ class KernelDatapath:
         self.drain()
         if down.kernel_recovery:
             last = self.fp.state(down.slot).next_pn - 1
-            for sid in unfinished:
+            for sid in list(unfinished):
                 ks = down.kstreams.get(sid)
                 if ks is None:
                     continue
-                ks.last_pn = last
                 entry = self.fp.dstream(down.slot, ks.up, ks.up_stream)
+                if entry is not None and entry.fin:
+                    del unfinished[sid]  # complete: delivered, not reset
+                    continue
+                ks.last_pn = last
                 if entry is not None and internals.is_stream_open(down.link.quic, sid):
                     # the reset's final size must cover every byte the kernel sent
                     internals.placeholder_stream_data(down.link.quic, sid, entry.sent_end)
@@ -387,7 +398,10 @@ class KernelDatapath:
         up = self._ups.get(peer.session.transport)
         if up is None:
             return
-        self.fp.stream_ended(up, stream_id)
+        for down in self._downs.values():
+            if down.kernel_recovery:
+                self._kernel_stream_over(down, up, stream_id)
+        self.fp.stream_ended(up, stream_id)  # (its per-subscriber entries go)
         for down in self._downs.values():
             down.claimed.pop((up, stream_id), None)
         mirror = self._mirrors.get((up, stream_id))
@@ -875,6 +889,21 @@ class KernelDatapath:
         if rec.nframes > abi.FR_MOQ_PKT_FRAMES:
             down.recorded[rec.pn] = kept
 
+    def _kernel_stream_over(self, down: _Down, up: int, up_stream: int) -> None:
+        """The upstream stream ended: the kernel sends nothing more of it to `down`. What it sent
+        (and whether it sent the FIN) is read from its entry before the entry goes; every packet
+        it sent on it has a number below the counter read afterwards."""
+        for sid, ks in down.kstreams.items():
+            if (ks.up, ks.up_stream) != (up, up_stream) or ks.last_pn >= 0:
+                continue
+            entry = self.fp.dstream(down.slot, up, up_stream)
+            if entry is not None and entry.state == StreamState.FORWARD:
+                ks.kernel_end = entry.sent_end
+                if entry.fin:
+                    ks.final = entry.sent_end
+                    down.open_streams.get(ks.track, {}).pop(sid, None)
+            ks.last_pn = self.fp.state(down.slot).next_pn - 1
+
     def _user_sent(self, down: _Down, rec: abi.MoqRenumbered, packet) -> None:
         """A packet aioquic built left as rec.pn: the kernel counts it in the window and in loss
         detection (aioquic keeps its frames and hears of its fate through the ACKs it gets)."""
@@ -966,7 +995,9 @@ class KernelDatapath:
             del down.recorded[pn]
         quic = down.link.quic
         for sid, ks in list(down.kstreams.items()):
-            if ks.last_pn < 0 or ks.last_pn >= base or any(r[0] == sid for r in down.resends):
+            if ks.last_pn < 0:
+                continue  # the kernel may still send on it (stream_ended, a handover or a reset ends that)
+            if ks.last_pn >= base or any(r[0] == sid for r in down.resends):
                 continue
             if internals.is_stream_open(quic, sid) and ks.kernel_end is not None:
                 delivered = RangeSet([range(0, ks.kernel_end)]) if ks.kernel_end else RangeSet()
@@ -1026,13 +1057,17 @@ class KernelDatapath:
             else:
                 self._publish(down)
 
-    def _publish_all(self) -> None:
-        for link, up in self._ups.items():
+    def _publish_all(self, every: bool = True) -> None:
+        """Publish budgets and credit, follow connection ids, forget what is over; `every`: the
+        kernel-recovery connections and the publishers too (else only the others)."""
+        for link, up in self._ups.items() if every else ():
             cids = internals.host_cids(link.quic)
             if cids != self._up_cids.get(up):
                 self.fp.upstream_cids(up, cids)
                 self._up_cids[up] = cids
         for down in list(self._downs.values()):
+            if down.kernel_recovery and not every:
+                continue
             if internals.is_closing(down.link.quic):
                 self._remove_down(down.link)
                 continue
@@ -1125,7 +1160,8 @@ class KernelDatapath:
         """Kernel counters and this path's own, for metrics."""
         kernel = self.fp.counters()
         self.stats.packets, self.stats.bytes = kernel.get("sent", 0), kernel.get("sent_bytes", 0)
-        return {**{f"kernel_{k}": v for k, v in kernel.items()}, **{f"path_{k}": v for k, v in vars(self.stats).items()}}
+        return {**{f"kernel_{k}": v for k, v in kernel.items()},
+                **{f"path_{k}": v for k, v in vars(self.stats).items()}}
 
     def per_subscriber(self) -> dict[str, tuple[int, int, int, int]]:
         """{subscriber address: (packets and bytes the kernel sent, packets and bytes userspace sent)}."""

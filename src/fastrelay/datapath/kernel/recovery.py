@@ -104,6 +104,7 @@ class KernelRecovery:
         self._outstanding = obj.enum("fr_moq_pkt_state")["FR_MOQ_PKT_OUTSTANDING"]
         self._fd = obj.program("fr_moq_recover").fd
         self._state = obj.map("fr_moq_rec")
+        self._states = self._state.view()
         self._sent = obj.map("fr_moq_rec_sent")
         self._gen: dict[int, int] = {}
         self._next_gen = 1
@@ -169,10 +170,16 @@ class KernelRecovery:
     def forget(self, slot: int) -> None:
         """The slot's connection is gone: its state is cleared (its timer, if armed, finds nothing)."""
         self._gen.pop(slot, None)
-        self._state.update(slot, abi.MoqRecovery())
+        self._state.update(slot, abi.MoqRecovery())  # (a syscall: the programs see it whole)
 
     def state(self, slot: int) -> abi.MoqRecovery:
-        return self._state.lookup(slot)
+        """The slot's state as it is now (read from the mapped map: no syscall)."""
+        return abi.MoqRecovery.from_buffer_copy(self._states[slot])
+
+    def close(self) -> None:
+        """Unmap the state (before the object closes, so its maps can go)."""
+        self._states = None
+        self._state.close()
 
     def outstanding(self, slot: int) -> dict[int, abi.MoqSentPkt]:
         """The packets the kernel still tracks (reads the whole table: for tests and diagnostics)."""
