@@ -12,9 +12,10 @@ it does with that:
 - Kernel recovery (the default; `kernel_recovery`): the connection's 1-RTT loss recovery and
   congestion control run in the kernel (bpf/moq/recovery.h, slot = the connection's slot). The
   egress tracks every packet it builds and the ingress applies the peer's ACK-only packets
-  there; what reaches userspace is a SENT record where a kernel stream starts or ends (aioquic
-  opens the stream: flow control, STOP_SENDING and resets work on it; the kernel's bytes are
-  placeholders in it), a LOST record per lost kernel packet (its bytes are queued in aioquic
+  there; what reaches userspace is a SENT record where a kernel stream starts (aioquic opens
+  the stream: flow control, STOP_SENDING and resets work on it; the kernel's bytes are
+  placeholders in it; where the kernel's part ends is read from its entry when the upstream
+  stream ends), a LOST record per lost kernel packet (its bytes are queued in aioquic
   again from the upstream stream's bytes), a TIMER record when the kernel's loss timer fires
   (the timeout then runs in the kernel), and ACK records only while packets aioquic built are
   outstanding. aioquic's own packets are counted in the kernel's window (registered from their
