@@ -24,9 +24,10 @@
  * held across the bpf_loop walks. A taker that finds it busy does not wait: an ACK-only
  * packet goes up instead (aioquic hands its ACK down again), userspace tries again.
  *
- * Timer: one bpf_timer per slot (fr_moq_rec_timer), armed at the loss detection time; when it
- * fires it only wakes userspace (a TIMER record), which runs FR_MOQ_LR_EXPIRE: the timeout if
- * it is due, else the timer armed again.
+ * Timer: one bpf_timer per slot (fr_moq_rec_timer), armed at the loss detection time (and
+ * cancelled when nothing is outstanding); when it fires and the timeout is due it wakes
+ * userspace (a TIMER record), which runs FR_MOQ_LR_EXPIRE: the timeout if it is due, else the
+ * timer armed again. A timer the state has moved later is armed again in the kernel.
  */
 #ifndef FR_MOQ_RECOVERY_H
 #define FR_MOQ_RECOVERY_H
@@ -42,6 +43,7 @@
 #define LR_INITIAL_WINDOW 10
 #define LR_MINIMUM_WINDOW 2
 #define LR_MAX_BACKOFF 16
+#define LR_TIMER_SLACK 100000ULL          /* a timer this close to its time counts as due */
 #ifndef CLOCK_MONOTONIC
 #define CLOCK_MONOTONIC 1                /* bpf_ktime_get_ns's clock */
 #endif
@@ -774,14 +776,28 @@ static int lr_timer_cb(void *map, __u32 *key, struct lr_timer *v)
 	struct fr_moq_timer rec = { .kind = FR_MOQ_REC_TIMER };
 	struct fr_moq_recovery *st;
 	__u32 slot = *key;
+	__u64 due, now;
 
 	st = bpf_map_lookup_elem(&fr_moq_rec, &slot);
 	if (!st || !st->gen || st->gen != v->gen)
 		return 0;
+	/* userspace is woken only for a timeout that is due (read without the lock: the timeout
+	 * itself checks again under it) */
+	due = lr_timer(st);
+	now = bpf_ktime_get_ns();
+	if (!due) {
+		st->timer_at = 0;                 /* nothing outstanding any more */
+		return 0;
+	}
+	if (due > now + LR_TIMER_SLACK) {         /* moved later meanwhile */
+		st->timer_at = due;
+		bpf_timer_start(&v->t, due - now, 0);
+		return 0;
+	}
 	st->timer_at = 0;
 	rec.slot = slot;
 	rec.gen = st->gen;
-	rec.time_ns = bpf_ktime_get_ns();
+	rec.time_ns = now;
 	count(FR_MQ_LR_TIMERS);
 	if (bpf_ringbuf_output(&fr_moq_events, &rec, sizeof(rec), BPF_RB_FORCE_WAKEUP))
 		count(FR_MQ_RINGBUF_FULL);
@@ -803,7 +819,7 @@ GLOBAL int fr_lr_arm(__u32 slot, __u64 at)
 	}
 	st->timer_at = at;
 	if (!at)
-		return 0;                /* left armed: a timer that finds nothing due only wakes userspace */
+		return bpf_timer_cancel(&v->t) < 0;
 	/* the callback again before every start: on this kernel a timer that was cancelled or
 	 * fired may have lost it (bpf_timer_start then fails with -EINVAL) */
 	bpf_timer_set_callback(&v->t, lr_timer_cb);
